@@ -1,0 +1,141 @@
+"""The `align` command line. Each command loads its typed config and calls one stage function.
+
+A user error (`AlignError`) prints one line, `error: ...`, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from align.errors import AlignError
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn an AlignError into one line on stderr and exit code 2, with no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AlignError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help="Override a config key (dotted for nested sections), e.g. --set train.lr=1e-4.")
+resume_option = click.option("--resume", is_flag=True, help="Continue an interrupted run from its latest checkpoint.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="align")
+def main() -> None:
+    """align: SFT, reward modelling and RLHF-PPO as one staged pipeline, compared side by side."""
+
+
+@main.command("init-model")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--hidden", default=64, show_default=True, help="Hidden size.")
+@click.option("--layers", default=2, show_default=True, help="Transformer layers.")
+@click.option("--heads", default=4, show_default=True, help="Attention heads.")
+@click.option("--max-position", default=256, show_default=True, help="Longest sequence the model can see.")
+@click.option("--vocab-size", default=260, show_default=True,
+              help="Tokenizer entries; 260 = the 256 bytes + 4 specials, no merges.")
+@click.option("--corpus", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Text file to learn BPE merges from (only matters when --vocab-size > 260).")
+@click.option("--seed", default=0, show_default=True)
+@user_errors
+def init_model_cmd(out_dir: str, hidden: int, layers: int, heads: int, max_position: int, vocab_size: int,
+                   corpus: str | None, seed: int) -> None:
+    """Build a tiny Llama-style model and byte-level tokenizer and save both to OUT_DIR."""
+    from align.modeling import init_tiny_model
+
+    if Path(out_dir).exists():
+        raise AlignError(f"output directory '{out_dir}' already exists")
+    lines = Path(corpus).read_text(encoding="utf-8").splitlines() if corpus else None
+    path = init_tiny_model(out_dir, hidden=hidden, layers=layers, heads=heads, max_position=max_position,
+                           vocab_size=vocab_size, corpus=lines, seed=seed)
+    click.echo(f"saved a {layers}-layer, {hidden}-wide Llama-style model and its tokenizer to {path}")
+
+
+@main.command("sft")
+@click.argument("config", type=click.Path(dir_okay=False), required=False)
+@set_option
+@resume_option
+@user_errors
+def sft_cmd(config: str | None, overrides: tuple[str, ...], resume: bool) -> None:
+    """Supervised fine-tuning (masked NLL on response tokens) from a YAML CONFIG."""
+    from align.config import SFTConfig, load_config
+    from align.sft import train_sft
+
+    cfg = load_config(SFTConfig, config, overrides)
+    summary = train_sft(cfg, resume=resume)
+    click.echo(_summary_line("sft", cfg.output_dir, summary))
+
+
+def _summary_line(stage: str, output_dir: str, summary: dict[str, Any]) -> str:
+    shown = {k: v for k, v in summary.items() if k.startswith("val/") or k in ("steps", "wall_time_sec")}
+    parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()]
+    return f"{stage}: done, model in {Path(output_dir) / 'model'} ({', '.join(parts)})"
+
+
+@main.command("generate")
+@click.argument("model_path")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="A prompt (repeat for a batch).")
+@click.option("--template", default=None,
+              help="Prompt template; defaults to the one in MODEL_PATH's run config, else '{prompt}'.")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 means greedy decoding.")
+@click.option("--seed", default=0, show_default=True)
+@user_errors
+def generate_cmd(model_path: str, prompts: tuple[str, ...], template: str | None, max_new_tokens: int,
+                 temperature: float, seed: int) -> None:
+    """Sample responses from any checkpoint, with the prompt template used in training."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from align.config import ModelConfig
+    from align.data import apply_template, bos_prefix
+    from align.generation import decode_responses, sample
+    from align.modeling import load_pretrained, load_tokenizer
+
+    if temperature < 0:
+        raise AlignError("--temperature must be >= 0")
+    template = template or run_prompt_template(model_path) or "{prompt}"
+    tokenizer = load_tokenizer(model_path, padding_side="left")
+    model = load_pretrained(AutoModelForCausalLM, ModelConfig(path=model_path), tokenizer, trainable=False)
+    torch.manual_seed(seed)
+    prefix = bos_prefix(tokenizer)
+    ids = [prefix + tokenizer(apply_template(template, {"prompt": p}, "--prompt"), add_special_tokens=False).input_ids
+           for p in prompts]
+    rollout = sample(model, tokenizer, ids, max_new_tokens, temperature=temperature or 1.0, greedy=temperature == 0)
+    for p, r in zip(prompts, decode_responses(tokenizer, rollout)):
+        click.echo(f"{p}{r}" if len(prompts) == 1 else f"--- {p}\n{r}")
+
+
+def run_prompt_template(model_path: str) -> str | None:
+    """The prompt template recorded in a run directory's config.yaml (for `<run>` or `<run>/model`)."""
+    import yaml
+
+    p = Path(model_path)
+    cfg_path = p / "config.yaml" if (p / "config.yaml").is_file() else p.parent / "config.yaml"
+    if cfg_path.is_file() and (cfg_path.parent == p or p.name == "model"):
+        data = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+        template = (data.get("data") or {}).get("prompt_template")
+        if isinstance(template, str):
+            return template
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Typed configuration: one dataclass per command, loaded from YAML with `--set key=value` overrides.
+
+Every YAML key maps one-to-one onto a dataclass field. Loading checks, in order: unknown keys (the
+message names the nearest valid key), types (from the field annotations), then each config's
+`validate()` for impossible values (negative lr, warmup longer than training, LoRA rank 0).
+Every error is an `AlignError` naming the dotted key. The resolved config is frozen after loading
+by convention: stages read it, they never write to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from align.errors import ConfigError
+
+# ----------------------------------------------------------------------------------------------
+# Sections shared by several commands
+
+
+@dataclass
+class ModelConfig:
+    """Which model to start from and how to hold it."""
+
+    path: str = ""
+    """Local directory (a run directory of an earlier stage works too) or hub id. Required."""
+    tokenizer: str | None = None
+    """Tokenizer path or hub id; defaults to `path`."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype of frozen models. `auto`: bfloat16 on a GPU that supports it, else float32.
+    Trained weights always stay float32; `train.mixed_precision` sets the compute dtype."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    disable_dropout: bool = True
+    """Set every dropout probability to 0 (RLHF needs it: dropout makes log-probs of the same
+    tokens differ between passes, so the PPO ratio and the KL would not start at 1 and 0)."""
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    """Passed to from_pretrained (`sdpa`, `eager`, `flash_attention_2`); None lets transformers pick."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA through peft. With `enabled: false` the whole model is trained."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target: str | list[str] = "all"
+    """`all` = every linear layer except the output head (peft's `all-linear`), or module names."""
+    merge: bool = False
+    """Merge the adapter into the base weights in the final model (a plain causal LM), instead of
+    saving the adapter alone."""
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they become tokens."""
+
+    train: str = ""
+    """A .json/.jsonl/.csv/.parquet file, or a hub dataset name. Required."""
+    validation: str | None = None
+    """A validation file; when absent, `val_fraction` of train is held out."""
+    val_fraction: float = 0.05
+    split: str = "train"
+    """Split to read from a hub dataset."""
+    format: Literal["auto", "alpaca", "prompt_response", "prompt_completion", "chat"] = "auto"
+    """Record format; `auto` detects it from the first record's keys."""
+    prompt_template: str = "{prompt}"
+    """Wraps the prompt; may use `{prompt}`, and for Alpaca records `{instruction}` and `{input}`.
+    Not used for chat records (the tokenizer's chat template renders those)."""
+    max_length: int = 512
+    """Longest tokenized example (prompt + response + EOS)."""
+    truncation: Literal["drop", "truncate", "error"] = "drop"
+    """Over-long examples: drop them, cut the response to fit, or stop with an error. Counted and
+    reported either way."""
+    max_samples: int | None = None
+    """Use only the first N records (for smoke runs)."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop shared by the SFT and reward-model stages."""
+
+    epochs: float = 1.0
+    max_steps: int | None = None
+    """Optimizer steps; overrides `epochs` when set."""
+    batch_size: int = 8
+    """Examples per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. Global batch = batch_size x grad_accum x processes."""
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    """Linear warmup, then cosine decay to `min_lr_ratio` x lr."""
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Compute dtype through accelerate. `auto`: bf16 on a GPU that supports it, else none."""
+    eval_every: int = 50
+    log_every: int = 10
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without a new best validation loss."""
+    max_eval_batches: int | None = None
+    """Cap on validation batches per evaluation (None: the whole validation set)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# One config per command
+
+
+@dataclass
+class SFTConfig:
+    """`align sft`: supervised fine-tuning with masked NLL on response tokens."""
+
+    output_dir: str = ""
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5))
+
+    def validate(self) -> None:
+        _require(self, ["output_dir", "model.path", "data.train"])
+        validate_common(self)
+
+
+def validate_common(cfg: Any) -> None:
+    """Range checks for the sections most configs share."""
+    checks: list[tuple[str, bool, str]] = []
+    if hasattr(cfg, "train"):
+        t = cfg.train
+        checks += [
+            ("train.lr", t.lr > 0, "must be > 0"),
+            ("train.epochs", t.epochs > 0, "must be > 0"),
+            ("train.max_steps", t.max_steps is None or t.max_steps > 0, "must be > 0"),
+            ("train.batch_size", t.batch_size >= 1, "must be >= 1"),
+            ("train.grad_accum", t.grad_accum >= 1, "must be >= 1"),
+            ("train.weight_decay", t.weight_decay >= 0, "must be >= 0"),
+            ("train.warmup_steps", t.warmup_steps >= 0, "must be >= 0"),
+            ("train.warmup_steps", t.max_steps is None or t.warmup_steps < t.max_steps,
+             f"({t.warmup_steps}) must be shorter than train.max_steps ({t.max_steps})"),
+            ("train.min_lr_ratio", 0 <= t.min_lr_ratio <= 1, "must be in [0, 1]"),
+            ("train.max_grad_norm", t.max_grad_norm > 0, "must be > 0"),
+            ("train.adam_betas", len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
+             "must be two numbers in [0, 1)"),
+            ("train.eval_every", t.eval_every >= 1, "must be >= 1"),
+            ("train.log_every", t.log_every >= 1, "must be >= 1"),
+            ("train.save_every", t.save_every >= 1, "must be >= 1"),
+            ("train.keep_checkpoints", t.keep_checkpoints >= 1, "must be >= 1"),
+            ("train.early_stopping_patience",
+             t.early_stopping_patience is None or t.early_stopping_patience >= 1, "must be >= 1"),
+        ]
+    if hasattr(cfg, "lora"):
+        lo = cfg.lora
+        checks += [
+            ("lora.r", lo.r >= 1, "must be >= 1"),
+            ("lora.alpha", lo.alpha > 0, "must be > 0"),
+            ("lora.dropout", 0 <= lo.dropout < 1, "must be in [0, 1)"),
+            ("lora.target", lo.target == "all" or (isinstance(lo.target, list) and len(lo.target) > 0),
+             "must be 'all' or a non-empty list of module names"),
+        ]
+    if hasattr(cfg, "data"):
+        d = cfg.data
+        checks += [
+            ("data.val_fraction", 0 <= d.val_fraction < 1, "must be in [0, 1)"),
+            ("data.max_length", d.max_length >= 2, "must be >= 2"),
+            ("data.max_samples", d.max_samples is None or d.max_samples >= 1, "must be >= 1"),
+        ]
+    for key, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"config key '{key}' {why} (got {_get(cfg, key)!r})")
+
+
+def _require(cfg: Any, keys: list[str]) -> None:
+    for key in keys:
+        if _get(cfg, key) in ("", None):
+            raise ConfigError(f"missing required config key '{key}'")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(cls: type, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Build `cls` from a YAML file (or a dict section of one) plus `key=value` overrides.
+
+    Overrides use dotted keys for nested sections (`train.lr=1e-4`) and YAML syntax for values
+    (`lora.target=[q_proj,v_proj]`). The result is validated before it is returned.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = read_yaml(path)
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(data, key, value)
+    cfg = from_dict(cls, data)
+    cfg.validate()
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set takes key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Recursively build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a section (a mapping)")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value if value is not None else {}, f"{dotted}.")
+        else:
+            kwargs[key] = check_type(dotted, value, hint)
+    return cls(**kwargs)
+
+
+def check_type(key: str, value: Any, hint: Any) -> Any:
+    """Return `value` converted to `hint` where that is lossless (int -> float), else raise."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))} (got {value!r})")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            try:
+                return check_type(key, value, arm)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}' must be {_type_name(hint)} (got {value!r})")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, list):
+            return [check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return value
+    elif hint is Any:
+        return value
+    raise ConfigError(f"config key '{key}' must be {_type_name(hint)} (got {value!r})")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,412 @@
+"""Data: read records, render them to text segments, tokenize once with the loss mask, batch.
+
+Formats (detected from the first record's keys, or set with `data.format`):
+- alpaca `{instruction, input?, output}`; `{prompt, response}`; `{prompt, completion}`;
+- chat `{messages: [{role, content}, ...]}`, rendered with the tokenizer's chat template, trained
+  on assistant turns only;
+- preference `{prompt, chosen, rejected}` (chosen/rejected may be strings or message lists).
+
+A record becomes a list of `(text, trainable)` segments. Each segment is tokenized on its own and
+the ids concatenated, so the prompt's ids are exactly the ids the policy is prompted with at
+generation time (PPO), and the loss mask is built once, from segment lengths: never by searching
+for token values.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from align.errors import AlignError, DataError
+
+IGNORE_INDEX = -100
+MAX_REPORTED_PROBLEMS = 10
+
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "chat": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "prompt_response": ("prompt", "response"),
+    "prompt_completion": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
+}
+# Formats that carry a prompt but no response (PPO prompt sets). Alpaca without `output` and chat
+# without a final assistant turn also serve as prompts.
+PROMPT_FIELDS: dict[str, tuple[str, ...]] = {"chat": ("messages",), "alpaca": ("instruction",), "prompt": ("prompt",)}
+
+
+@dataclass
+class Record:
+    """One data record and where it came from (`file:line`), for error messages."""
+
+    where: str
+    fields: dict[str, Any]
+
+
+@dataclass
+class Example:
+    """A tokenized example: ids and the loss mask (1 = trained on), both of length T."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_records(source: str, split: str = "train", max_samples: int | None = None) -> list[Record]:
+    """Read a .jsonl/.json/.csv/.parquet file, or a hub dataset by name.
+
+    JSON lines are parsed here, line by line, so a malformed line is reported by its line number
+    (all bad lines of a file together); other formats go through `datasets`.
+    """
+    path = Path(source).expanduser()
+    if path.suffix in (".jsonl", ".json", ".csv", ".parquet") and not path.exists():
+        raise AlignError(f"data file '{source}' does not exist")
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        records = _read_json(path)
+    elif path.is_file():
+        records = _read_with_datasets(str(path), path.suffix.lstrip("."), split)
+    elif path.exists():
+        raise AlignError(f"data path '{source}' is not a file")
+    else:
+        records = _read_hub(source, split)
+    if not records:
+        raise AlignError(f"{source}: no records")
+    return records[:max_samples] if max_samples else records
+
+
+def _read_json(path: Path) -> list[Record]:
+    raw = path.read_bytes()
+    stripped = raw.lstrip()
+    if stripped.startswith(b"["):  # one JSON array of objects
+        try:
+            items = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise AlignError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise AlignError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        records, problems = [], []
+        for i, item in enumerate(items, 1):
+            if isinstance(item, dict):
+                records.append(Record(f"{path}[{i}]", item))
+            else:
+                problems.append(f"{path}[{i}]: expected a JSON object, got {type(item).__name__}")
+        if problems:
+            raise DataError(problems)
+        return records
+    records, problems = [], []
+    for lineno, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            problems.append(f"{where}: not valid UTF-8 (byte {e.start})")
+            continue
+        except json.JSONDecodeError as e:
+            problems.append(f"{where}: invalid JSON: {e.msg} (column {e.colno})")
+            continue
+        if not isinstance(obj, dict):
+            problems.append(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            continue
+        records.append(Record(where, obj))
+    if problems:
+        raise DataError(problems, MAX_REPORTED_PROBLEMS)
+    return records
+
+
+def _read_with_datasets(path: str, kind: str, split: str) -> list[Record]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    builder = {"csv": "csv", "parquet": "parquet"}.get(kind)
+    if builder is None:
+        raise AlignError(f"data file '{path}': unsupported extension '.{kind}' (use .jsonl, .json, .csv or .parquet)")
+    try:
+        ds = datasets.load_dataset(builder, data_files=path, split="train")
+    except Exception as e:  # datasets raises many types for unreadable files
+        raise AlignError(f"{path}: could not read as {kind}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    # CSV rows start on line 2 (after the header); parquet rows are numbered from 1.
+    offset = 2 if kind == "csv" else 1
+    label = "line" if kind == "csv" else "row"
+    return [Record(f"{path}:{label} {i + offset}" if kind == "parquet" else f"{path}:{i + offset}", dict(r))
+            for i, r in enumerate(ds)]
+
+
+def _read_hub(name: str, split: str) -> list[Record]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        raise AlignError(f"data '{name}' is neither a local file nor a loadable hub dataset "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return [Record(f"{name}[{split}][{i}]", dict(r)) for i, r in enumerate(ds)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Formats
+
+
+def detect_format(records: list[Record], wanted: str = "auto", table: dict[str, tuple[str, ...]] = FORMAT_FIELDS) -> str:
+    """The record format: `wanted` unless `auto`, else the first format whose fields the first
+    record has."""
+    if wanted != "auto":
+        return wanted
+    first = records[0]
+    for fmt, fields in table.items():
+        if all(f in first.fields for f in fields):
+            return fmt
+    known = "; ".join(f"{k}: {{{', '.join(v)}}}" for k, v in table.items())
+    raise AlignError(f"{first.where}: cannot tell the record format from keys "
+                     f"{sorted(first.fields)}; expected one of {known}")
+
+
+def validate_records(records: list[Record], fmt: str, table: dict[str, tuple[str, ...]] = FORMAT_FIELDS) -> None:
+    """Check every record has its format's fields, as non-empty strings (messages: a list of
+    {role, content}); report all problems of the file together."""
+    problems = []
+    for rec in records:
+        problems += _record_problems(rec, fmt, table[fmt])
+        if len(problems) >= 100:
+            break
+    if problems:
+        raise DataError(problems, MAX_REPORTED_PROBLEMS)
+
+
+def _record_problems(rec: Record, fmt: str, required: tuple[str, ...]) -> list[str]:
+    out = []
+    for name in required:
+        if name not in rec.fields or rec.fields[name] is None:
+            out.append(f"{rec.where}: missing field '{name}'")
+            continue
+        value = rec.fields[name]
+        if name == "messages" or (fmt == "preference" and isinstance(value, list)):
+            out += _messages_problems(rec.where, name, value)
+        elif not isinstance(value, str):
+            out.append(f"{rec.where}: field '{name}' must be a string, got {type(value).__name__}")
+        elif not value.strip():
+            out.append(f"{rec.where}: field '{name}' is empty")
+    if fmt == "alpaca" and rec.fields.get("input") is not None and not isinstance(rec.fields["input"], str):
+        out.append(f"{rec.where}: field 'input' must be a string")
+    if fmt == "preference" and not out and rec.fields["chosen"] == rec.fields["rejected"]:
+        out.append(f"{rec.where}: 'chosen' and 'rejected' are identical (the pair teaches nothing)")
+    return out
+
+
+def _messages_problems(where: str, name: str, messages: Any) -> list[str]:
+    if not isinstance(messages, list) or not messages:
+        return [f"{where}: field '{name}' must be a non-empty list of messages"]
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return [f"{where}: {name}[{i}] must be an object with string 'role' and 'content'"]
+    return []
+
+
+def prompt_fields(rec: Record, fmt: str) -> dict[str, str]:
+    """The values a prompt template may use for this record."""
+    f = rec.fields
+    if fmt == "alpaca":
+        inp = (f.get("input") or "").strip()
+        prompt = f["instruction"] + (f"\n\n{inp}" if inp else "")
+        return {"prompt": prompt, "instruction": f["instruction"], "input": inp}
+    return {"prompt": f["prompt"]}
+
+
+def apply_template(template: str, values: dict[str, str], where: str) -> str:
+    try:
+        return template.format(**values)
+    except KeyError as e:
+        raise AlignError(f"config key 'data.prompt_template' uses {{{e.args[0]}}}, which {where} does not provide "
+                         f"(available: {', '.join('{' + k + '}' for k in values)})") from None
+    except (IndexError, ValueError) as e:
+        raise AlignError(f"config key 'data.prompt_template' is not a valid template: {e}") from None
+
+
+def sft_segments(rec: Record, fmt: str, template: str, tokenizer: Any) -> list[tuple[str, bool]]:
+    """A record as `(text, trainable)` segments; EOS is appended later for non-chat formats."""
+    if fmt == "chat":
+        return chat_segments(rec, tokenizer)
+    response = {"alpaca": "output", "prompt_response": "response", "prompt_completion": "completion"}[fmt]
+    return [(apply_template(template, prompt_fields(rec, fmt), rec.where), False), (rec.fields[response], True)]
+
+
+def chat_segments(rec: Record, tokenizer: Any) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into non-trainable context and trainable assistant turns.
+
+    For the i-th assistant turn, render messages[:i] with the generation prompt (the context the
+    model answers) and messages[:i+1] (context plus the turn and its end-of-turn token); the turn is
+    the difference. This works for any template whose renders extend each other, and we check that.
+    """
+    messages = rec.fields["messages"]
+    if not any(m["role"] == "assistant" for m in messages):
+        raise AlignError(f"{rec.where}: conversation has no assistant turn to train on")
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        context = render_chat(tokenizer, messages[:i], add_generation_prompt=True, where=rec.where)
+        full = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False, where=rec.where)
+        if not context.startswith(done) or not full.startswith(context):
+            raise AlignError(f"{rec.where}: the tokenizer's chat template does not render turns as a growing "
+                             "prefix, so assistant turns cannot be located")
+        segments += [(context[len(done):], False), (full[len(context):], True)]
+        done = full
+    return [s for s in segments if s[0]]
+
+
+def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise AlignError(f"{where}: chat records need a tokenizer with a chat template, and this one has none")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def prompt_text(rec: Record, fmt: str, template: str, tokenizer: Any) -> str:
+    """The text the policy is prompted with: the templated prompt, or for chat the conversation up
+    to its last user turn plus the generation prompt."""
+    if fmt == "chat":
+        messages = rec.fields["messages"]
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        return render_chat(tokenizer, messages, add_generation_prompt=True, where=rec.where)
+    return apply_template(template, prompt_fields(rec, fmt), rec.where)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizing
+
+
+def bos_prefix(tokenizer: Any) -> list[int]:
+    """[BOS] when the tokenizer adds it to a plain encode (Llama-style), else nothing. Computed by
+    asking the tokenizer, since `add_bos_token` is not a reliable attribute across tokenizers."""
+    with_special = tokenizer("a").input_ids
+    without = tokenizer("a", add_special_tokens=False).input_ids
+    if len(with_special) > len(without) and with_special[0] == tokenizer.bos_token_id:
+        return [tokenizer.bos_token_id]
+    return []
+
+
+def encode_segments(tokenizer: Any, segments: list[tuple[str, bool]], add_eos: bool,
+                    prefix: list[int] | None = None) -> Example:
+    """Tokenize each segment separately and concatenate; mask from segment lengths."""
+    ids: list[int] = list(prefix or [])
+    mask: list[int] = [0] * len(ids)
+    for text, trainable in segments:
+        piece = tokenizer(text, add_special_tokens=False).input_ids
+        ids += piece
+        mask += [int(trainable)] * len(piece)
+    if add_eos:
+        ids.append(tokenizer.eos_token_id)
+        mask.append(1)
+    return Example(ids, mask)
+
+
+@dataclass
+class TokenizeReport:
+    kept: int = 0
+    dropped: int = 0
+    truncated: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.kept} examples ({self.truncated} truncated, {self.dropped} dropped as too long)"
+
+
+def fit_length(ex: Example, max_length: int, policy: str, where: str, report: TokenizeReport) -> Example | None:
+    """Apply the truncation policy to one example; None when it is dropped."""
+    if len(ex.input_ids) <= max_length:
+        report.kept += 1
+        return ex
+    if policy == "error":
+        raise AlignError(f"{where}: example is {len(ex.input_ids)} tokens, longer than data.max_length "
+                         f"({max_length}); raise max_length or set data.truncation to drop or truncate")
+    if policy == "truncate" and any(ex.loss_mask[:max_length]):
+        report.kept += 1
+        report.truncated += 1
+        return Example(ex.input_ids[:max_length], ex.loss_mask[:max_length])
+    report.dropped += 1
+    return None
+
+
+def tokenize_sft(records: list[Record], fmt: str, template: str, tokenizer: Any, max_length: int,
+                 truncation: str) -> tuple[list[Example], TokenizeReport]:
+    """Records -> examples `prompt + response + EOS` with the loss on response and EOS."""
+    prefix = [] if fmt == "chat" else bos_prefix(tokenizer)
+    report = TokenizeReport()
+    out = []
+    for rec in records:
+        ex = encode_segments(tokenizer, sft_segments(rec, fmt, template, tokenizer), add_eos=fmt != "chat", prefix=prefix)
+        if not any(ex.loss_mask):
+            raise AlignError(f"{rec.where}: the response tokenizes to nothing")
+        fitted = fit_length(ex, max_length, truncation, rec.where, report)
+        if fitted is not None:
+            out.append(fitted)
+    if not out:
+        raise AlignError(f"every example is longer than data.max_length ({max_length}); none left to train on")
+    return out, report
+
+
+def split_validation(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """Hold out `fraction` of `items` (at least one when fraction > 0), chosen by a seeded shuffle."""
+    if fraction <= 0 or len(items) < 2:
+        return items, []
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(round(len(items) * fraction)))
+    val = set(order[:n_val])
+    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching
+
+
+def pad_examples(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example. Returns input_ids, attention_mask and labels, all (B, T);
+    labels carry IGNORE_INDEX on prompt and padding. Masks come from lengths, not token values."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        attention[i, :n] = 1
+        mask = torch.tensor(e.loss_mask, dtype=torch.bool)
+        labels[i, :n] = torch.where(mask, ids[i, :n], IGNORE_INDEX)
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a permutation seeded by (seed, epoch), so a resumed run can
+    recompute it instead of storing it."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def global_batches(n: int, global_batch: int, seed: int, start_epoch: int = 0) -> Iterator[tuple[int, int, list[int]]]:
+    """Endless (epoch, index-in-epoch, example indices) of global batches; the last partial batch
+    of an epoch is dropped so every optimizer step sees the same number of examples."""
+    if n < global_batch:
+        raise AlignError(f"only {n} training examples, fewer than one global batch ({global_batch}); "
+                         "lower train.batch_size or train.grad_accum")
+    epoch = start_epoch
+    while True:
+        order = epoch_order(n, seed, epoch)
+        for b in range(n // global_batch):
+            yield epoch, b, order[b * global_batch:(b + 1) * global_batch]
+        epoch += 1
+
+
+def shard(indices: list[int], rank: int, world: int) -> list[int]:
+    """This process's share of a global batch (contiguous block, so shapes match across ranks)."""
+    per = len(indices) // world
+    return indices[rank * per:(rank + 1) * per]

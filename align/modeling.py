@@ -1,0 +1,232 @@
+"""Model and tokenizer plumbing shared by every stage.
+
+Loading goes through `Auto*.from_pretrained` on a local path or hub id, so any causal LM works; the
+tiny models the tests and the offline recipe use are built by `init_tiny_model` and saved with
+`save_pretrained`, then loaded back the same way as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from align.config import LoraConfig, ModelConfig
+from align.errors import AlignError
+
+PAD_TOKEN = "<|pad|>"
+
+# A minimal chat template for the tiny tokenizer: role markers as plain text, EOS closing each
+# assistant turn, so "loss on assistant turns" includes learning when to stop.
+TINY_CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{{ '<|' + m['role'] + '|>\n' + m['content'] }}"
+    "{%- if m['role'] == 'assistant' -%}{{ eos_token }}{%- else -%}{{ '\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
+)
+
+
+def quiet_transformers() -> None:
+    """Silence per-load reports and weight-loading bars: our own progress bar is the one to read."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def resolve_model_path(path: str) -> str:
+    """Map a run directory of an earlier stage onto its final model (`<run>/model`).
+
+    A path that looks local (exists, or starts with `.`, `/` or `~`) must exist; anything else is
+    treated as a hub id and left to from_pretrained.
+    """
+    p = Path(path).expanduser()
+    if (p / "model").is_dir():
+        return str(p / "model")
+    if p.exists():
+        if p.is_dir() and not any((p / n).exists() for n in ("config.json", "adapter_config.json")):
+            raise AlignError(f"model path '{path}' holds no model (no config.json or adapter_config.json)")
+        return str(p)
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep in path and not _looks_like_hub_id(path):
+        raise AlignError(f"model path '{path}' does not exist")
+    return path
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return path.count("/") == 1 and not path.startswith((".", "/", "~"))
+
+
+def load_tokenizer(path: str, padding_side: str = "right") -> Any:
+    """Load a tokenizer and give it a dedicated pad token when it has none (or pads with EOS).
+
+    EOS must never double as pad: masks built from token equality would then hide the real EOS
+    of every response. We build masks from lengths anyway; a distinct pad keeps checkpoints safe
+    for tools that do not.
+    """
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
+    except (OSError, ValueError) as e:
+        raise AlignError(f"could not load tokenizer '{path}': {_first_line(e)}") from None
+    if tok.eos_token_id is None:
+        raise AlignError(f"tokenizer '{path}' has no EOS token; responses could never end")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    tok.padding_side = padding_side
+    return tok
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def weight_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` -> bfloat16 on a GPU that supports it, float32 elsewhere (CPU bf16 matmuls are slow)."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_pretrained(auto_cls: Any, cfg: ModelConfig, tokenizer: Any, *, trainable: bool,
+                    device: torch.device | None = None, path: str | None = None, **kwargs: Any) -> Any:
+    """Load `auto_cls.from_pretrained(path)` the way every stage wants it.
+
+    Trained models keep float32 master weights (mixed precision is accelerate's job); frozen
+    models take `cfg.dtype`. The embedding matrix grows when the tokenizer gained a pad token.
+    """
+    quiet_transformers()
+    device = device or torch.device("cpu")
+    dtype = torch.float32 if trainable else weight_dtype(cfg.dtype, device)
+    src = resolve_model_path(path or cfg.path)
+    extra = dict(kwargs)
+    if cfg.attn_implementation:
+        extra["attn_implementation"] = cfg.attn_implementation
+    try:
+        model = auto_cls.from_pretrained(src, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **extra)
+    except (OSError, ValueError) as e:
+        raise AlignError(f"could not load model '{path or cfg.path}': {_first_line(e)}") from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if model.config.pad_token_id is None or model.config.pad_token_id != tokenizer.pad_token_id:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if trainable and cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return model.to(device)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout probability: modules and the attention-dropout config fields."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> nn.Module:
+    """Wrap `model` in a peft LoRA adapter. `target: all` is peft's `all-linear` (every linear layer
+    except the output head); for a sequence classifier the score head is trained in full."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    target = "all-linear" if cfg.target == "all" else list(cfg.target)
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                              target_modules=target, task_type=task_type, bias="none")
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        raise AlignError(f"config key 'lora.target': {_first_line(e)}") from None
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, merge_lora: bool = False) -> None:
+    """Write a model that `Auto*.from_pretrained(out_dir)` loads: full weights, a peft adapter
+    (loaded through transformers' peft integration), or the adapter merged into the base."""
+    out_dir = Path(out_dir)
+    if merge_lora and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny offline models
+
+
+def train_byte_tokenizer(corpus: list[str], vocab_size: int = 260) -> Any:
+    """A byte-level BPE tokenizer (GPT-2 style): any UTF-8 text round-trips, Chinese included.
+
+    With the default 260 entries it is the 256 bytes plus [PAD] [BOS] [EOS] [UNK] and learns no
+    merges, so digits stay one token each (which is what arithmetic tasks want).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]",
+                                   eos_token="[EOS]", unk_token="[UNK]")
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast
+
+
+def init_tiny_model(out_dir: str | Path, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+                    intermediate: int | None = None, max_position: int = 256, vocab_size: int = 260,
+                    corpus: list[str] | None = None, seed: int = 0) -> Path:
+    """Build a Llama-style causal LM from a config plus a byte-level tokenizer, and save both with
+    `save_pretrained` so every stage loads them exactly like a downloaded checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    quiet_transformers()
+    if hidden % heads:
+        raise AlignError(f"--hidden ({hidden}) must be divisible by --heads ({heads})")
+    out_dir = Path(out_dir)
+    tokenizer = train_byte_tokenizer(corpus or ["0123456789+-=?.: abcdefghijklmnopqrstuvwxyz\n"], vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=max_position, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "align_init.json").write_text(json.dumps(
+        {"hidden": hidden, "layers": layers, "heads": heads, "vocab_size": len(tokenizer),
+         "max_position": max_position, "parameters": sum(p.numel() for p in model.parameters())}))
+    if out_dir.exists():
+        raise AlignError(f"output directory '{out_dir}' already exists")
+    os.replace(tmp, out_dir)
+    return out_dir

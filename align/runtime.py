@@ -1,0 +1,312 @@
+"""Plumbing every training stage uses: processes, optimizers, metrics, checkpoints, run dirs.
+
+A run directory looks like this, for every stage:
+
+    <output_dir>/config.yaml          resolved config, written before the first step
+    <output_dir>/metrics.jsonl        one JSON object per logged step, appended line by line
+    <output_dir>/checkpoints/step-N/  model (save_pretrained) + trainer_state.pt
+    <output_dir>/checkpoints/latest   name of the newest complete checkpoint
+    <output_dir>/model/               the final model, loadable with from_pretrained
+    <output_dir>/summary.json         written last: its presence means the run is complete
+
+Checkpoints and the final model are written to a temporary directory and renamed into place, so
+a killed run never leaves one that loads but is partial.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from align.config import TrainConfig, save_config, to_dict
+from align.errors import AlignError
+
+# ----------------------------------------------------------------------------------------------
+# Processes and devices
+
+
+def make_accelerator(mixed_precision: str = "auto") -> Any:
+    """One Accelerator per run: one CPU process by default, DDP/FSDP/DeepSpeed under
+    `accelerate launch`. `auto` picks bf16 on a GPU that supports it."""
+    from accelerate import Accelerator
+
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: CUDA allocator peak on a GPU, resident set size on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (biases and norms are left alone, as is standard)."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.adam_betas))
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """lr multiplier: linear warmup from 0 over `warmup` steps, then cosine decay to `min_ratio`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+
+
+# ----------------------------------------------------------------------------------------------
+# Run directories, metrics, checkpoints
+
+
+@dataclass
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    def is_complete(self) -> bool:
+        return self.summary.is_file()
+
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.checkpoints / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.checkpoints / pointer.read_text().strip()
+        return path if (path / "trainer_state.pt").is_file() else None
+
+
+def prepare_run_dir(output_dir: str, cfg: Any, resume: bool, is_main: bool) -> RunDir:
+    """Check the output directory before any compute and write the resolved config.
+
+    A finished run is never overwritten, and an interrupted one only continues with `--resume`.
+    """
+    run = RunDir(Path(output_dir).expanduser())
+    if run.is_complete():
+        raise AlignError(f"output_dir '{run.root}' already holds a finished run; choose another directory or remove it")
+    if not resume and run.latest_checkpoint() is not None:
+        raise AlignError(f"output_dir '{run.root}' holds checkpoints of an interrupted run; pass --resume to continue it "
+                         "or choose another directory")
+    if is_main:
+        try:
+            run.root.mkdir(parents=True, exist_ok=True)
+            probe = run.root / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise AlignError(f"output_dir '{run.root}' is not writable: {e.strerror}") from None
+        if not resume and run.metrics.exists():
+            run.metrics.unlink()  # a run that never reached a checkpoint starts over
+        save_config(cfg, run.config)
+    return run
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_summary(run: RunDir, summary: dict[str, Any]) -> None:
+    """Mark the run complete. Written last, atomically."""
+    atomic_write_text(run.summary, json.dumps(summary, indent=2, default=float))
+
+
+class MetricsLogger:
+    """Appends one JSON line per logged step to metrics.jsonl (flushed each time, so it survives a
+    kill) and mirrors scalars to TensorBoard when it is installed. Only the main process writes."""
+
+    def __init__(self, run: RunDir, enabled: bool):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        self.file = open(run.metrics, "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run.root / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep the line parseable
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """metrics.jsonl as a list of dicts; a final line cut short by a kill is skipped."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+@dataclass
+class Checkpointer:
+    """Writes `checkpoints/step-N` atomically and keeps the newest `keep` of them."""
+
+    run: RunDir
+    keep: int
+    saved: list[Path] = field(default_factory=list)
+
+    def save(self, step: int, write_models: Callable[[Path], None], state: dict[str, Any]) -> Path:
+        self.run.checkpoints.mkdir(parents=True, exist_ok=True)
+        final = self.run.checkpoints / f"step-{step:07d}"
+        tmp = self.run.checkpoints / f".tmp-step-{step:07d}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        write_models(tmp)
+        torch.save(state, tmp / "trainer_state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(self.run.checkpoints / "latest", final.name)  # moves only after a complete write
+        self._prune(final)
+        return final
+
+    def _prune(self, newest: Path) -> None:
+        existing = sorted(p for p in self.run.checkpoints.glob("step-*") if p.is_dir())
+        for old in existing[: max(0, len(existing) - self.keep)]:
+            if old != newest:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    # weights_only=False: the state holds python/numpy RNG states, which are not plain tensors.
+    return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+def finish_model(run: RunDir, write_model: Callable[[Path], None]) -> None:
+    """Write the final model to a temporary directory and rename it into place."""
+    tmp = run.root / ".model.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write_model(tmp)
+    if run.model.exists():
+        shutil.rmtree(run.model)
+    os.replace(tmp, run.model)
+
+
+def progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
+
+
+class Throughput:
+    """Samples and tokens per second since the last call to `rates`."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.samples = 0
+        self.tokens = 0
+
+    def add(self, samples: int, tokens: int) -> None:
+        self.samples += samples
+        self.tokens += tokens
+
+    def rates(self) -> dict[str, float]:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        out = {"samples_per_sec": self.samples / dt, "tokens_per_sec": self.tokens / dt}
+        self.t0, self.samples, self.tokens = time.perf_counter(), 0, 0
+        return out
+
+
+def config_fingerprint(cfg: Any) -> dict[str, Any]:
+    return to_dict(cfg)
