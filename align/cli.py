@@ -83,6 +83,41 @@ def sft_cmd(config: str | None, overrides: tuple[str, ...], resume: bool) -> Non
     click.echo(_summary_line("sft", cfg.output_dir, summary))
 
 
+@main.command("rm")
+@click.argument("config", type=click.Path(dir_okay=False), required=False)
+@set_option
+@resume_option
+@user_errors
+def rm_cmd(config: str | None, overrides: tuple[str, ...], resume: bool) -> None:
+    """Train a reward model on preference pairs (Bradley-Terry) from a YAML CONFIG."""
+    from align.config import RMConfig, load_config
+    from align.rm import train_rm
+
+    cfg = load_config(RMConfig, config, overrides)
+    summary = train_rm(cfg, resume=resume)
+    click.echo(_summary_line("rm", cfg.output_dir, summary))
+
+
+@main.command("task")
+@click.argument("name")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--size", "sizes", multiple=True, metavar="KEY=N",
+              help="Override a size or parameter of the task, e.g. --size n_sft=8000.")
+@user_errors
+def task_cmd(name: str, out_dir: str, seed: int, sizes: tuple[str, ...]) -> None:
+    """Generate a task's data (SFT demos, preference pairs, prompts, eval set) into OUT_DIR."""
+    from align.config import parse_override
+    from align.tasks import get_task
+
+    try:
+        build = get_task(name)
+        paths = build(Path(out_dir), seed=seed, **dict(parse_override(s) for s in sizes))
+    except (ValueError, TypeError) as e:
+        raise AlignError(f"task {name}: {e}") from None
+    click.echo(f"wrote {', '.join(sorted(paths))} to {out_dir}")
+
+
 def _summary_line(stage: str, output_dir: str, summary: dict[str, Any]) -> str:
     shown = {k: v for k, v in summary.items() if k.startswith("val/") or k in ("steps", "wall_time_sec")}
     parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()]

@@ -42,6 +42,7 @@ class ModelConfig:
     """Set every dropout probability to 0 (RLHF needs it: dropout makes log-probs of the same
     tokens differ between passes, so the PPO ratio and the KL would not start at 1 and 0)."""
     trust_remote_code: bool = False
+    """Passed to from_pretrained: allow running model code shipped with a hub checkpoint."""
     attn_implementation: str | None = None
     """Passed to from_pretrained (`sdpa`, `eager`, `flash_attention_2`); None lets transformers pick."""
 
@@ -51,9 +52,13 @@ class LoraConfig:
     """LoRA through peft. With `enabled: false` the whole model is trained."""
 
     enabled: bool = False
+    """Train a LoRA adapter on a frozen base instead of every weight."""
     r: int = 8
+    """Adapter rank."""
     alpha: int = 16
+    """Scaling numerator: the adapter's update is multiplied by alpha / r."""
     dropout: float = 0.0
+    """Dropout on the adapter's input (peft's `lora_dropout`)."""
     target: str | list[str] = "all"
     """`all` = every linear layer except the output head (peft's `all-linear`), or module names."""
     merge: bool = False
@@ -70,9 +75,11 @@ class DataConfig:
     validation: str | None = None
     """A validation file; when absent, `val_fraction` of train is held out."""
     val_fraction: float = 0.05
+    """Fraction of train records held out for validation when `validation` is not given (chosen by
+    a shuffle seeded with `seed`, at least one record); 0 means no validation."""
     split: str = "train"
     """Split to read from a hub dataset."""
-    format: Literal["auto", "alpaca", "prompt_response", "prompt_completion", "chat"] = "auto"
+    format: Literal["auto", "alpaca", "prompt_response", "prompt_completion", "chat", "preference", "prompt"] = "auto"
     """Record format; `auto` detects it from the first record's keys."""
     prompt_template: str = "{prompt}"
     """Wraps the prompt; may use `{prompt}`, and for Alpaca records `{instruction}` and `{input}`.
@@ -91,6 +98,8 @@ class TrainConfig:
     """The optimisation loop shared by the SFT and reward-model stages."""
 
     epochs: float = 1.0
+    """Passes over the training set; fractions allowed. Steps = epochs x (examples // global
+    batch): each epoch's last partial global batch is skipped."""
     max_steps: int | None = None
     """Optimizer steps; overrides `epochs` when set."""
     batch_size: int = 8
@@ -98,18 +107,30 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step. Global batch = batch_size x grad_accum x processes."""
     lr: float = 2e-5
+    """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
+    """AdamW weight decay, on parameters with 2+ dimensions (weight matrices, embeddings) only;
+    biases and norm weights are never decayed."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's [beta1, beta2]."""
     warmup_steps: int = 0
     """Linear warmup, then cosine decay to `min_lr_ratio` x lr."""
     min_lr_ratio: float = 0.0
+    """The learning rate the cosine decay ends at, as a fraction of `lr`."""
     max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this before every optimizer step."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """Compute dtype through accelerate. `auto`: bf16 on a GPU that supports it, else none."""
     eval_every: int = 50
+    """Evaluate on the validation set every N optimizer steps, and after the last one."""
     log_every: int = 10
+    """Append training metrics (averaged since the last log) to metrics.jsonl every N optimizer
+    steps, and after the last one."""
     save_every: int = 200
+    """Write a resumable checkpoint every N optimizer steps (none after the last step: the final
+    model is written then)."""
     keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep; older ones are deleted."""
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without a new best validation loss."""
     max_eval_batches: int | None = None
@@ -125,11 +146,42 @@ class SFTConfig:
     """`align sft`: supervised fine-tuning with masked NLL on response tokens."""
 
     output_dir: str = ""
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, model/, summary.json. Required."""
     seed: int = 42
+    """Seeds python, numpy and torch, the validation hold-out and each epoch's example order."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5))
+
+    def validate(self) -> None:
+        _require(self, ["output_dir", "model.path", "data.train"])
+        validate_common(self)
+
+
+@dataclass
+class RMConfig:
+    """`align rm`: a reward model from preference pairs, trained with the Bradley-Terry loss."""
+
+    output_dir: str = ""
+    """Run directory; the reward model is written to `<output_dir>/model`. Required."""
+    seed: int = 42
+    """Seeds the data order, the validation split and the score head."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The backbone: usually the SFT run directory."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA on the backbone (the score head is always trained in full). The final model is always
+    saved merged, so it loads as a plain sequence classifier."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(format="auto"))
+    """Preference pairs `{prompt, chosen, rejected}`; `data.prompt_template` must match SFT's."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5))
+    """Optimisation; `batch_size` counts pairs."""
+    margin: float = 0.0
+    """Loss margin: -log sigmoid(r_chosen - r_rejected - margin)."""
+    normalize_with: str | None = None
+    """A `{prompt, response}` file (e.g. the SFT validation data). After training, the mean score
+    of its responses is stored with the model and subtracted at scoring time, so such responses
+    score 0 on average. None: no normalisation."""
 
     def validate(self) -> None:
         _require(self, ["output_dir", "model.path", "data.train"])

@@ -410,3 +410,87 @@ def shard(indices: list[int], rank: int, world: int) -> list[int]:
     """This process's share of a global batch (contiguous block, so shapes match across ranks)."""
     per = len(indices) // world
     return indices[rank * per:(rank + 1) * per]
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference pairs and prompt sets
+
+
+def preference_segments(rec: Record, side: str, template: str, tokenizer: Any) -> list[tuple[str, bool]]:
+    """One side (`chosen` or `rejected`) of a pair as segments. Strings are a templated prompt plus
+    the response (EOS appended later); message lists are rendered with the chat template, the
+    prompt (a string becomes one user turn) followed by the side's assistant turns."""
+    prompt, answer = rec.fields["prompt"], rec.fields[side]
+    if isinstance(answer, list):
+        context = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        return chat_segments(Record(rec.where, {"messages": context + answer}), tokenizer)
+    if isinstance(prompt, list):
+        raise AlignError(f"{rec.where}: a message-list prompt needs message-list 'chosen' and 'rejected'")
+    return [(apply_template(template, {"prompt": prompt}, rec.where), False), (answer, True)]
+
+
+def tokenize_pairs(records: list[Record], template: str, tokenizer: Any, max_length: int,
+                   truncation: str) -> tuple[list[tuple[Example, Example]], TokenizeReport]:
+    """Records -> (chosen, rejected) examples, each `prompt + answer (+ EOS)`. A pair is dropped
+    when either side is dropped, so both sides always see the same prompt."""
+    prefix = bos_prefix(tokenizer)
+    report, out = TokenizeReport(), []
+    for rec in records:
+        sides = []
+        for side in ("chosen", "rejected"):
+            is_chat = isinstance(rec.fields[side], list)
+            ex = encode_segments(tokenizer, preference_segments(rec, side, template, tokenizer),
+                                 add_eos=not is_chat, prefix=[] if is_chat else prefix)
+            sides.append(fit_length(ex, max_length, truncation, rec.where, TokenizeReport()))
+        if sides[0] is None or sides[1] is None:
+            report.dropped += 1
+            continue
+        report.kept += 1
+        out.append((sides[0], sides[1]))
+    if not out:
+        raise AlignError(f"every preference pair is longer than data.max_length ({max_length}); none left to train on")
+    return out, report
+
+
+def pad_pairs(pairs: list[tuple[Example, Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen sides then rejected sides in one right-padded batch: (2B, T) ids and attention mask."""
+    batch = pad_examples([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+@dataclass
+class Prompt:
+    """A prompt for generation: its raw text (what reward functions see), and its token ids."""
+
+    text: str
+    ids: list[int]
+    where: str
+
+
+def load_prompts(source: str, fmt: str, template: str, tokenizer: Any, max_length: int, truncation: str,
+                 split: str = "train", max_samples: int | None = None) -> tuple[list[Prompt], TokenizeReport]:
+    """Read a prompt set: records of any SFT format (the response, if any, is ignored), or
+    `{prompt}` alone. Ids are built exactly as in SFT, so the policy sees what it was trained on.
+    A prompt longer than `max_length` tokens is dropped, or stops the run (truncation `error`);
+    prompts are never cut, since a cut prompt asks a different question."""
+    records = read_records(source, split, max_samples)
+    fmt = detect_format(records, fmt, PROMPT_FIELDS | FORMAT_FIELDS)
+    table = {**FORMAT_FIELDS, **PROMPT_FIELDS}
+    validate_records(records, fmt, {**table, fmt: table[fmt][:1] if fmt != "alpaca" else ("instruction",)})
+    prefix = [] if fmt == "chat" else bos_prefix(tokenizer)
+    base_fmt = "alpaca" if fmt == "alpaca" else ("chat" if fmt == "chat" else "prompt_response")
+    report, out = TokenizeReport(), []
+    for rec in records:
+        text = prompt_text(rec, base_fmt, template, tokenizer)
+        ids = prefix + tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) > max_length:
+            if truncation == "error":
+                raise AlignError(f"{rec.where}: prompt is {len(ids)} tokens, longer than the prompt limit ({max_length})")
+            report.dropped += 1
+            continue
+        report.kept += 1
+        raw = rec.fields["prompt"] if "prompt" in rec.fields and isinstance(rec.fields["prompt"], str) else text
+        out.append(Prompt(raw, ids, rec.where))
+    if not out:
+        raise AlignError(f"{source}: every prompt is longer than the prompt limit ({max_length})")
+    return out, report

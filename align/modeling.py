@@ -230,3 +230,94 @@ def init_tiny_model(out_dir: str | Path, *, hidden: int = 64, layers: int = 2, h
         raise AlignError(f"output directory '{out_dir}' already exists")
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def load_trainable(auto_cls: Any, model_cfg: ModelConfig, lora_cfg: LoraConfig, tokenizer: Any,
+                   device: torch.device, resume_from: Path | None = None, task_type: str = "CAUSAL_LM",
+                   **kwargs: Any) -> Any:
+    """The model a stage trains: full weights, or a fresh LoRA adapter on them; when resuming, the
+    checkpoint's weights (full) or adapter (LoRA) instead."""
+    full_ckpt = str(resume_from) if resume_from is not None and not lora_cfg.enabled else None
+    model = load_pretrained(auto_cls, model_cfg, tokenizer, trainable=True, device=device, path=full_ckpt, **kwargs)
+    if not lora_cfg.enabled:
+        return model
+    if resume_from is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(resume_from), is_trainable=True)
+    return apply_lora(model, lora_cfg, task_type)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scalar heads: reward models and critics
+
+
+def load_score_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, tokenizer: Any, device: torch.device,
+                     resume_from: Path | None = None, path: str | None = None) -> "ScoreModel":
+    """A trainable `AutoModelForSequenceClassification(num_labels=1)` wrapped to give per-token scores.
+
+    Started from a causal LM (the usual case: the SFT model), the new head is drawn with std
+    1/sqrt(hidden+1), small enough that initial scores sit near 0 (N+ implementation details of
+    RLHF with PPO, Huang et al. 2024, following Ziegler et al. 2019).
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    src_cfg = model_cfg if path is None else ModelConfig(**{**model_cfg.__dict__, "path": path})
+    try:
+        arch = AutoConfig.from_pretrained(resolve_model_path(src_cfg.path)).architectures or []
+    except (OSError, ValueError) as e:
+        raise AlignError(f"could not load model '{src_cfg.path}': {_first_line(e)}") from None
+    model = load_trainable(AutoModelForSequenceClassification, src_cfg, lora_cfg, tokenizer, device, resume_from,
+                           task_type="SEQ_CLS", num_labels=1)
+    if resume_from is None and not any(a.endswith("ForSequenceClassification") for a in arch):
+        head = _score_head(model)
+        hidden = head.weight.shape[1]
+        with torch.no_grad():
+            head.weight.normal_(0.0, 1.0 / (hidden + 1) ** 0.5)
+            if getattr(head, "bias", None) is not None:
+                head.bias.zero_()
+    return ScoreModel(model)
+
+
+def _score_head(model: Any) -> nn.Linear:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.score
+    # peft wraps a trained head in ModulesToSaveWrapper; the active copy is the one trained.
+    return head.modules_to_save[head.active_adapter] if hasattr(head, "modules_to_save") else head
+
+
+class ScoreModel(nn.Module):
+    """A sequence classifier read per token: forward returns (B, T) scalar scores.
+
+    transformers' classifier pools at the last non-pad token found by comparing ids with the pad
+    id; we take every position's score instead and let the caller pick positions from lengths
+    (the reward model reads the last real token, the critic reads every response token).
+    """
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        backbone = getattr(base, base.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state  # (B, T, H)
+        return base.score(hidden).squeeze(-1).float()  # (B, T)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
+        self.model.save_pretrained(*args, **kwargs)
+
+    def merge_and_unload(self) -> Any:
+        return self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.model
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask -> (B,) index of each row's last real token, for left or right padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions[None, :] * attention_mask.long()).argmax(dim=1)

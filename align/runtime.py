@@ -44,7 +44,17 @@ def make_accelerator(mixed_precision: str = "auto") -> Any:
 
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mixed_precision)
+    # Launched as several processes (torchrun, `accelerate launch --multi_gpu`) on a machine with no
+    # GPU, accelerate forms a gloo process group only when told the processes are CPU ones;
+    # otherwise each process silently trains alone on its share of every batch.
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = multi_process and not _has_accelerator_device()
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+def _has_accelerator_device() -> bool:
+    accel = getattr(torch, "accelerator", None)  # torch >= 2.6; covers CUDA, XPU, MPS, ...
+    return accel.is_available() if accel is not None else torch.cuda.is_available()
 
 
 def set_seed(seed: int) -> None:
@@ -163,8 +173,16 @@ def prepare_run_dir(output_dir: str, cfg: Any, resume: bool, is_main: bool) -> R
             probe.unlink()
         except OSError as e:
             raise AlignError(f"output_dir '{run.root}' is not writable: {e.strerror}") from None
-        if not resume and run.metrics.exists():
-            run.metrics.unlink()  # a run that never reached a checkpoint starts over
+        if run.metrics.exists():
+            # A resumed run repeats the steps after its checkpoint, so their rows from the killed
+            # process are dropped; a run that never reached a checkpoint starts over.
+            ckpt = run.latest_checkpoint() if resume else None
+            if ckpt is None:
+                run.metrics.unlink()
+            else:
+                step = int(ckpt.name.split("-")[-1])
+                rows = [r for r in read_metrics(run.metrics) if r.get("step", 0) <= step]
+                atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in rows))
         save_config(cfg, run.config)
     return run
 

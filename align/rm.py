@@ -1,0 +1,102 @@
+"""`align rm`: a reward model from preference pairs.
+
+The model is `AutoModelForSequenceClassification(num_labels=1)` on the policy's backbone family,
+read at the last real token of `prompt + response + EOS` (the position is taken from lengths).
+It is trained with the Bradley-Terry loss averaged over the pairs of the global batch:
+
+    L = mean_pairs -log sigmoid(r_chosen - r_rejected - margin)
+
+Metrics: loss, accuracy (r_chosen > r_rejected) and mean margin (r_chosen - r_rejected), on the
+training window and the held-out pairs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align import data as D
+from align.config import RMConfig
+from align.errors import AlignError
+from align.modeling import ScoreModel, last_token_index, load_score_model, load_tokenizer
+from align.rl import bradley_terry_loss
+from align.runtime import make_accelerator, prepare_run_dir, set_seed
+from align.trainer import Stage, fit
+
+NORMALIZATION_FILE = "align_reward.json"
+
+
+def load_pairs(cfg: RMConfig, tokenizer: Any) -> tuple[list, list, str]:
+    d = cfg.data
+    records = D.read_records(d.train, d.split, d.max_samples)
+    if D.detect_format(records, d.format) != "preference":
+        raise AlignError(f"{records[0].where}: the reward model needs preference pairs {{prompt, chosen, rejected}}")
+    D.validate_records(records, "preference")
+    if d.validation:
+        val_records = D.read_records(d.validation, d.split)
+        D.validate_records(val_records, "preference")
+    else:
+        records, val_records = D.split_validation(records, d.val_fraction, cfg.seed)
+    train, report = D.tokenize_pairs(records, d.prompt_template, tokenizer, d.max_length, d.truncation)
+    val = D.tokenize_pairs(val_records, d.prompt_template, tokenizer, d.max_length, d.truncation)[0] if val_records else []
+    return train, val, f"train: {report.kept} pairs ({report.dropped} dropped as too long); validation: {len(val)} pairs"
+
+
+def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) right-padded ids -> (B,) scores read at each row's last real token."""
+    scores = model(input_ids=input_ids, attention_mask=attention_mask)  # (B, T)
+    return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+
+def make_terms(margin: float):
+    def rm_terms(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Summed Bradley-Terry loss over the batch's pairs, their count, and summed stats."""
+        scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+        chosen, rejected = scores.chunk(2)
+        loss, stats = bradley_terry_loss(chosen, rejected, margin)
+        n = torch.tensor(chosen.shape[0], device=scores.device)
+        return loss * n, n, {"loss": loss.detach() * n, "accuracy": stats["accuracy"] * n, "margin": stats["margin"] * n}
+
+    return rm_terms
+
+
+@torch.no_grad()
+def normalization_bias(model: ScoreModel, cfg: RMConfig, tokenizer: Any, device: torch.device) -> float:
+    """Mean score of the `normalize_with` responses (prompt + response + EOS, as in training)."""
+    records = D.read_records(cfg.normalize_with)
+    fmt = D.detect_format(records)
+    D.validate_records(records, fmt)
+    examples, _ = D.tokenize_sft(records, fmt, cfg.data.prompt_template, tokenizer, cfg.data.max_length, "drop")
+    model.eval()
+    total = 0.0
+    for s in range(0, len(examples), cfg.train.batch_size):
+        batch = D.pad_examples(examples[s:s + cfg.train.batch_size], tokenizer.pad_token_id)
+        total += sequence_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).sum().item()
+    return total / len(examples)
+
+
+def train_rm(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    set_seed(cfg.seed)
+    run = prepare_run_dir(cfg.output_dir, cfg, resume, accelerator.is_main_process)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    train, val, report = load_pairs(cfg, tokenizer)
+    if cfg.normalize_with and not Path(cfg.normalize_with).is_file():
+        raise AlignError(f"config key 'normalize_with': file '{cfg.normalize_with}' does not exist")
+    ckpt = run.latest_checkpoint() if resume else None
+    model = load_score_model(cfg.model, cfg.lora, tokenizer, accelerator.device, ckpt)
+
+    def write_normalization(unwrapped: Any, out: Path) -> None:
+        bias = normalization_bias(unwrapped, cfg, tokenizer, accelerator.device) if cfg.normalize_with else 0.0
+        (out / NORMALIZATION_FILE).write_text(json.dumps({"bias": bias, "normalized_with": cfg.normalize_with}))
+
+    stage = Stage(
+        name="rm", terms=make_terms(cfg.margin), merge_lora=True, extra_files=write_normalization,
+        collate=lambda pairs: D.pad_pairs(pairs, tokenizer.pad_token_id),
+        count=lambda b: torch.tensor(b["input_ids"].shape[0] // 2),
+    )
+    return fit(stage, t=cfg.train, seed=cfg.seed, run=run, accelerator=accelerator, model=model, tokenizer=tokenizer,
+               train_items=train, val_items=val, resume_from=ckpt, report=report)

@@ -1,0 +1,218 @@
+"""The supervised training loop shared by `align sft` and `align rm`.
+
+Both stages minimise a sum over items (response tokens for SFT, preference pairs for the reward
+model) divided by the item count of the whole global batch. The loop, top to bottom:
+
+    for each optimizer step:
+        take one global batch (seeded order, recomputable on resume), this process's share of it,
+        split into micro-batches;
+        count the batch's items across processes; every micro-batch's summed loss is divided by
+        that count (x world size, because DDP averages gradients): the gradient is exactly the
+        whole batch's, whatever the accumulation or process count (TRL: `num_items_in_batch`);
+        clip, step, schedule; log; evaluate; checkpoint; stop early if validation stalls.
+
+A stage supplies `terms(model, batch) -> (loss_sum, item_count, stat_sums)`; each stat is logged
+as stat_sum / item_count over the logging window (train/...) and the validation set (val/...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from align import data as D
+from align.config import TrainConfig
+from align.modeling import count_parameters, save_model
+from align.runtime import (Checkpointer, MetricsLogger, RunDir, Throughput, finish_model, load_trainer_state,
+                           make_optimizer, make_scheduler, peak_memory_mb, progress, rng_state, set_rng_state,
+                           write_summary)
+
+Terms = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class Stage:
+    """What a supervised stage plugs into the loop."""
+
+    name: str
+    terms: Terms
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]]
+    count: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    """Items a batch contributes to the loss (response tokens, pairs), known before any forward."""
+    derive: Callable[[dict[str, float], str], dict[str, float]] = lambda m, prefix: m
+    """Adds metrics computed from the averaged ones (e.g. perplexity = exp(loss))."""
+    tokens: Callable[[dict[str, torch.Tensor]], int] = lambda b: int(b["attention_mask"].sum())
+    merge_lora: bool = False
+    extra_files: Callable[[Any, Path], None] | None = None
+    """Writes stage-specific files into the final model directory before it is renamed into place."""
+
+
+def total_steps(t: TrainConfig, n_train: int, global_batch: int) -> int:
+    if t.max_steps is not None:
+        return t.max_steps
+    return max(1, int(t.epochs * (n_train // global_batch)))
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _averages(sums: dict[str, torch.Tensor], count: torch.Tensor, prefix: str) -> dict[str, float]:
+    return {f"{prefix}/{k}": (v / count.clamp(min=1)).item() for k, v in sums.items()}
+
+
+@torch.no_grad()
+def evaluate(stage: Stage, model: Any, items: list[Any], batch_size: int, accelerator: Any,
+             max_batches: int | None = None) -> dict[str, float]:
+    """Validation metrics over the whole validation set (each process takes a share, sums are
+    reduced), each averaged over items: `val/<stat>`."""
+    model.eval()
+    world = accelerator.num_processes
+    mine = D.shard(list(range(len(items))), accelerator.process_index, world) if len(items) >= world else list(range(len(items)))
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.zeros((), device=accelerator.device)
+    for b, start in enumerate(range(0, len(mine), batch_size)):
+        if max_batches is not None and b >= max_batches:
+            break
+        batch = _to(stage.collate([items[i] for i in mine[start:start + batch_size]]), accelerator.device)
+        _, n, stats = stage.terms(model, batch)
+        count += n
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0) + v.float()
+    model.train()
+    sums = {k: accelerator.reduce(v, "sum") for k, v in sums.items()}
+    return stage.derive(_averages(sums, accelerator.reduce(count, "sum"), "val"), "val")
+
+
+def fit(stage: Stage, *, t: TrainConfig, seed: int, run: RunDir, accelerator: Any, model: Any, tokenizer: Any,
+        train_items: list[Any], val_items: list[Any], resume_from: Path | None, report: str) -> dict[str, Any]:
+    """Train `model` (already built, LoRA applied, weights restored when resuming) and write the
+    final model and summary into `run`. Returns the summary."""
+    t_start = time.time()
+    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    global_batch = t.batch_size * t.grad_accum * world
+    n_steps = total_steps(t, len(train_items), global_batch)
+    batches_per_epoch = len(train_items) // global_batch
+    optimizer = make_optimizer(model.parameters(), t)
+    scheduler = make_scheduler(optimizer, t, n_steps)
+    # The scheduler is stepped by hand once per optimizer step, so accelerate does not wrap it.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": float("inf"), "evals_without_gain": 0,
+             "tokens_seen": 0, "train_time": 0.0}
+    if resume_from is not None:
+        saved = load_trainer_state(resume_from)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"])
+        state.update(saved["state"])
+
+    trainable, total = count_parameters(model)
+    if is_main:
+        print(f"{stage.name}: {report}; {n_steps} steps of {global_batch}; {trainable:,} of {total:,} parameters "
+              f"trained; {world} process(es) on {accelerator.device}", flush=True)
+        if resume_from is not None:
+            print(f"{stage.name}: resumed from {resume_from} at step {state['step']}", flush=True)
+
+    logger = MetricsLogger(run, is_main)
+    checkpointer = Checkpointer(run, t.keep_checkpoints)
+
+    def write_checkpoint() -> None:
+        if is_main:
+            checkpointer.save(state["step"], lambda p: save_model(unwrapped, tokenizer, p), {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                "state": state})
+        accelerator.wait_for_everyone()
+
+    # The epoch order is recomputed from the seed; a resumed run skips what it already consumed.
+    batches = D.global_batches(len(train_items), global_batch, seed, start_epoch=state["epoch"])
+    for _ in range(state["batch_in_epoch"]):
+        next(batches)
+
+    model.train()
+    bar = progress(n_steps, state["step"], stage.name, is_main)
+    window_sums: dict[str, torch.Tensor] = {}
+    window_count = torch.zeros((), device=accelerator.device)
+    speed = Throughput()
+    last_val: dict[str, float] = {}
+    t_loop = time.time() - state["train_time"]
+    while state["step"] < n_steps:
+        epoch, index, indices = next(batches)
+        mine = D.shard(indices, rank, world)
+        micro = [_to(stage.collate([train_items[i] for i in mine[s:s + t.batch_size]]), accelerator.device)
+                 for s in range(0, len(mine), t.batch_size)]
+        # The global batch's item count: every micro-batch's loss sum is divided by it.
+        n_items = accelerator.reduce(sum(stage.count(mb) for mb in micro), "sum")
+        for j, mb in enumerate(micro):
+            sync = j == len(micro) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                loss_sum, n, stats = stage.terms(model, mb)
+                accelerator.backward(loss_sum * world / n_items)
+            window_count += n.detach()
+            for k, v in stats.items():
+                window_sums[k] = window_sums.get(k, 0) + v.detach().float()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["epoch"], state["batch_in_epoch"] = (epoch + 1, 0) if index + 1 == batches_per_epoch else (epoch, index + 1)
+        step_tokens = sum(stage.tokens(mb) for mb in micro) * world
+        state["tokens_seen"] += step_tokens
+        speed.add(len(mine) * world, step_tokens)
+        bar.update(1)
+
+        if state["step"] % t.log_every == 0 or state["step"] == n_steps:
+            sums = {k: accelerator.reduce(v, "sum") for k, v in window_sums.items()}
+            metrics = stage.derive(_averages(sums, accelerator.reduce(window_count, "sum"), "train"), "train")
+            metrics.update({"train/grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                            "epoch": state["step"] * global_batch / len(train_items), **speed.rates(),
+                            "peak_memory_mb": peak_memory_mb()})
+            logger.log(state["step"], metrics)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}",
+                            **({"val": f"{last_val['val/loss']:.4f}"} if last_val else {}))
+            window_sums, window_count = {}, torch.zeros((), device=accelerator.device)
+
+        stop = False
+        if val_items and (state["step"] % t.eval_every == 0 or state["step"] == n_steps):
+            last_val = evaluate(stage, model, val_items, t.batch_size, accelerator, t.max_eval_batches)
+            logger.log(state["step"], last_val)
+            if last_val["val/loss"] < state["best_val_loss"]:
+                state["best_val_loss"], state["evals_without_gain"] = last_val["val/loss"], 0
+            else:
+                state["evals_without_gain"] += 1
+                stop = t.early_stopping_patience is not None and state["evals_without_gain"] >= t.early_stopping_patience
+                if stop and is_main:
+                    print(f"{stage.name}: early stop at step {state['step']}: validation loss has not improved for "
+                          f"{state['evals_without_gain']} evaluations (best {state['best_val_loss']:.4f})", flush=True)
+        state["train_time"] = time.time() - t_loop
+        if state["step"] % t.save_every == 0 and state["step"] < n_steps and not stop:
+            write_checkpoint()
+        if stop:
+            break
+    bar.close()
+
+    # The final model, then the summary that marks the run complete.
+    def write_final(path: Path) -> None:
+        path.mkdir(parents=True)
+        if stage.extra_files is not None:  # before saving: a LoRA merge changes the model in place
+            stage.extra_files(unwrapped, path)
+        save_model(unwrapped, tokenizer, path, merge_lora=stage.merge_lora)
+
+    if is_main:
+        finish_model(run, write_final)
+    accelerator.wait_for_everyone()
+    summary = {"stage": stage.name, "steps": state["step"], "examples": len(train_items),
+               "tokens_seen": state["tokens_seen"], "wall_time_sec": time.time() - t_start,
+               "train_time_sec": state["train_time"], "peak_memory_mb": peak_memory_mb(),
+               "best_val_loss": state["best_val_loss"], **last_val}
+    if is_main:
+        write_summary(run, summary)
+    logger.close()
+    return summary
