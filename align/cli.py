@@ -98,6 +98,21 @@ def rm_cmd(config: str | None, overrides: tuple[str, ...], resume: bool) -> None
     click.echo(_summary_line("rm", cfg.output_dir, summary))
 
 
+@main.command("ppo")
+@click.argument("config", type=click.Path(dir_okay=False), required=False)
+@set_option
+@resume_option
+@user_errors
+def ppo_cmd(config: str | None, overrides: tuple[str, ...], resume: bool) -> None:
+    """RLHF with PPO from an SFT model and a reward model or function, from a YAML CONFIG."""
+    from align.config import PPOConfig, load_config
+    from align.ppo import train_ppo
+
+    cfg = load_config(PPOConfig, config, overrides)
+    summary = train_ppo(cfg, resume=resume)
+    click.echo(_summary_line("ppo", cfg.output_dir, summary))
+
+
 @main.command("task")
 @click.argument("name")
 @click.argument("out_dir", type=click.Path(file_okay=False))
@@ -119,7 +134,7 @@ def task_cmd(name: str, out_dir: str, seed: int, sizes: tuple[str, ...]) -> None
 
 
 def _summary_line(stage: str, output_dir: str, summary: dict[str, Any]) -> str:
-    shown = {k: v for k, v in summary.items() if k.startswith("val/") or k in ("steps", "wall_time_sec")}
+    shown = {k: v for k, v in summary.items() if k.startswith(("val/", "eval/")) or k in ("steps", "wall_time_sec")}
     parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()]
     return f"{stage}: done, model in {Path(output_dir) / 'model'} ({', '.join(parts)})"
 

@@ -188,6 +188,174 @@ class RMConfig:
         validate_common(self)
 
 
+@dataclass
+class CriticConfig:
+    """The trained value model: a scalar head on a backbone, read at every response token."""
+
+    path: str | None = None
+    """Backbone to start from: the reward model (the default when `reward.model` is set, as in
+    Ouyang et al. 2022) or the SFT model (`model.path`, the default otherwise)."""
+    lr: float = 1e-5
+    """Critic learning rate (its own AdamW and schedule)."""
+    lora: bool = False
+    """Train the critic through a LoRA adapter (same settings as the actor's `lora` section)."""
+
+
+@dataclass
+class RewardConfig:
+    """The frozen reward: a reward model run, or a Python function."""
+
+    model: str | None = None
+    """Reward model path (an `align rm` run directory works). One of `model` or `function`."""
+    function: str | None = None
+    """`module:function` taking (prompts: list[str], responses: list[str]) and returning floats."""
+    device: Literal["auto", "cpu"] = "auto"
+    """Where the reward model lives: with the policy (`auto`) or always on CPU."""
+    offload: bool = False
+    """Keep the reward model on CPU and move it to the accelerator only while scoring."""
+    normalize: bool = True
+    """Subtract the bias stored by `align rm --set normalize_with=...`, if any."""
+    clip: float | None = None
+    """Clip scores to [-clip, clip] before they enter the reward."""
+    whiten: bool = False
+    """Whiten the per-token rewards over the batch before GAE (scale only, mean kept)."""
+    missing_eos_penalty: float | None = 1.0
+    """Subtracted from the score of a response that ran out of room before EOS (the EOS trick,
+    Huang et al. 2024); None disables it."""
+
+
+@dataclass
+class PPOLoopConfig:
+    """Rollout and optimisation settings of PPO; names follow the PPO paper and TRL."""
+
+    total_episodes: int = 1024
+    """Responses to sample over the whole run; steps = total_episodes / (rollout_batch_size x processes)."""
+    rollout_batch_size: int = 64
+    """Prompts sampled per step, per process."""
+    mini_batch_size: int = 16
+    """Responses per PPO update (one optimizer step), per process."""
+    micro_batch_size: int = 16
+    """Responses per forward/backward; mini_batch_size / micro_batch_size is the gradient accumulation."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch, reshuffled each time."""
+    response_length: int = 32
+    """Most new tokens per response."""
+    temperature: float = 0.7
+    """Sampling temperature; the same scaling is applied to the logits when scoring."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token estimator of KL(actor || reference) (Schulman, Approximating KL divergence)."""
+    kl_coef: float = 0.05
+    """beta: weight of the KL penalty in the per-token reward (initial value when adaptive)."""
+    kl_target: float | None = None
+    """Adaptive KL (Ziegler et al. 2019): steer beta so the sequence KL approaches this. None: fixed beta."""
+    kl_horizon: int = 10000
+    """Adaptive KL horizon, in episodes."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the batch's response tokens."""
+    clip_eps: float = 0.2
+    """Policy ratio clip range."""
+    value_clip_eps: float | None = 0.2
+    """Value clip range around the rollout's values; None disables value clipping."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    ent_coef: float = 0.0
+    """Weight of the entropy bonus."""
+    lr: float = 3e-6
+    """Actor learning rate; decays linearly to 0 over the run (as in TRL and CleanRL)."""
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    max_grad_norm: float = 1.0
+    """Gradient clipping, per model."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Compute dtype through accelerate. `auto`: bf16 on a GPU that supports it, else none."""
+    log_every: int = 1
+    sample_every: int = 10
+    """Every N steps, log a few prompt/response/score rows (to the console and samples.jsonl)."""
+    samples_logged: int = 4
+    eval_every: int = 20
+    """Every N steps (and at the end), greedy responses on the eval prompts, scored."""
+    save_every: int = 50
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class PPOEvalConfig:
+    """The held-out evaluation run during PPO."""
+
+    prompts: str | None = None
+    """Eval prompt file; None disables the evaluation hook."""
+    gold_reward: str | None = None
+    """`module:function` gold reward, reported beside the learned one and never used in training."""
+    max_samples: int | None = 200
+
+
+@dataclass
+class PPOConfig:
+    """`align ppo`: RLHF with PPO; actor and reference from the SFT model, a critic, a frozen reward."""
+
+    output_dir: str = ""
+    """Run directory; the actor is written to `<output_dir>/model`. Required."""
+    seed: int = 42
+    """Seeds the prompt order and the sampling."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The SFT model: the actor starts from it and the reference is it, frozen."""
+    memory_mode: Literal["full", "lora"] = "full"
+    """`full`: actor and reference are separate copies. `lora`: one base model; the actor is a LoRA
+    adapter on it and the reference is the same base with the adapter disabled (no second copy)."""
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=False))
+    """Adapter settings for `memory_mode: lora` (and a LoRA critic); `lora.enabled` is implied."""
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=256))
+    """Prompt set (any SFT format, or `{prompt}`); `max_length` is the longest prompt kept, and
+    `prompt_template` must be SFT's so the actor sees what it was trained on."""
+    ppo: PPOLoopConfig = field(default_factory=PPOLoopConfig)
+    eval: PPOEvalConfig = field(default_factory=PPOEvalConfig)
+
+    def validate(self) -> None:
+        _require(self, ["output_dir", "model.path", "data.train"])
+        if (self.reward.model is None) == (self.reward.function is None):
+            raise ConfigError("set exactly one of config keys 'reward.model' and 'reward.function'")
+        p = self.ppo
+        checks = [
+            ("ppo.total_episodes", p.total_episodes >= 1, "must be >= 1"),
+            ("ppo.rollout_batch_size", p.rollout_batch_size >= 1, "must be >= 1"),
+            ("ppo.mini_batch_size", 1 <= p.mini_batch_size <= p.rollout_batch_size
+             and p.rollout_batch_size % p.mini_batch_size == 0, "must divide ppo.rollout_batch_size"),
+            ("ppo.micro_batch_size", 1 <= p.micro_batch_size <= p.mini_batch_size
+             and p.mini_batch_size % p.micro_batch_size == 0, "must divide ppo.mini_batch_size"),
+            ("ppo.total_episodes", p.total_episodes >= p.rollout_batch_size,
+             f"must be at least one rollout batch ({p.rollout_batch_size})"),
+            ("ppo.ppo_epochs", p.ppo_epochs >= 1, "must be >= 1"),
+            ("ppo.response_length", p.response_length >= 1, "must be >= 1"),
+            ("ppo.temperature", p.temperature > 0, "must be > 0"),
+            ("ppo.kl_coef", p.kl_coef >= 0, "must be >= 0"),
+            ("ppo.kl_target", p.kl_target is None or p.kl_target > 0, "must be > 0"),
+            ("ppo.kl_horizon", p.kl_horizon >= 1, "must be >= 1"),
+            ("ppo.gamma", 0 <= p.gamma <= 1, "must be in [0, 1]"),
+            ("ppo.lam", 0 <= p.lam <= 1, "must be in [0, 1]"),
+            ("ppo.clip_eps", p.clip_eps > 0, "must be > 0"),
+            ("ppo.value_clip_eps", p.value_clip_eps is None or p.value_clip_eps > 0, "must be > 0"),
+            ("ppo.vf_coef", p.vf_coef >= 0, "must be >= 0"),
+            ("ppo.lr", p.lr > 0, "must be > 0"),
+            ("critic.lr", self.critic.lr > 0, "must be > 0"),
+            ("ppo.max_grad_norm", p.max_grad_norm > 0, "must be > 0"),
+            ("ppo.log_every", p.log_every >= 1, "must be >= 1"),
+            ("ppo.sample_every", p.sample_every >= 1, "must be >= 1"),
+            ("ppo.eval_every", p.eval_every >= 1, "must be >= 1"),
+            ("ppo.save_every", p.save_every >= 1, "must be >= 1"),
+            ("ppo.keep_checkpoints", p.keep_checkpoints >= 1, "must be >= 1"),
+            ("reward.clip", self.reward.clip is None or self.reward.clip > 0, "must be > 0"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"config key '{key}' {why} (got {_get(self, key)!r})")
+        validate_common(self)
+
+
 def validate_common(cfg: Any) -> None:
     """Range checks for the sections most configs share."""
     checks: list[tuple[str, bool, str]] = []

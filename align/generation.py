@@ -31,6 +31,11 @@ class Rollout:
     response_mask: torch.Tensor
     has_eos: torch.Tensor
 
+    def select(self, index: torch.Tensor) -> "Rollout":
+        """The rows `index` (a minibatch), keeping the padded widths."""
+        return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.response_ids[index],
+                       self.response_mask[index], self.has_eos[index])
+
     @property
     def input_ids(self) -> torch.Tensor:  # (B, P + R)
         return torch.cat([self.prompt_ids, self.response_ids], dim=1)

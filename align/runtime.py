@@ -90,13 +90,13 @@ def peak_memory_mb() -> float:
 # Optimisation
 
 
-def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Any, lr: float, weight_decay: float, betas: list[float]) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only (biases and norms are left alone, as is standard)."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.adam_betas))
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas))
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -113,6 +113,11 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+
+
+def linear_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    """lr multiplier 1 -> 0 linearly over the run (PPO's annealing, as in CleanRL and TRL)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def fit(stage: Stage, *, t: TrainConfig, seed: int, run: RunDir, accelerator: An
     global_batch = t.batch_size * t.grad_accum * world
     n_steps = total_steps(t, len(train_items), global_batch)
     batches_per_epoch = len(train_items) // global_batch
-    optimizer = make_optimizer(model.parameters(), t)
+    optimizer = make_optimizer(model.parameters(), t.lr, t.weight_decay, t.adam_betas)
     scheduler = make_scheduler(optimizer, t, n_steps)
     # The scheduler is stepped by hand once per optimizer step, so accelerate does not wrap it.
     model, optimizer = accelerator.prepare(model, optimizer)

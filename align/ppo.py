@@ -1,0 +1,264 @@
+"""`align ppo`: RLHF with PPO. One step, top to bottom (DESIGN.md; CleanRL's loop; Huang et al. 2024,
+"The N+ Implementation Details of RLHF with PPO"):
+
+1. rollout: the actor samples a response per prompt (KV cache, batched, left padding);
+2. truncate after the first EOS; a response without EOS gets `reward.missing_eos_penalty`;
+3. score without grad: reward per sequence, reference and old actor log-probs and values per token;
+4. per-token reward r_t = -beta * kl_t, plus the score on the last response token;
+5. GAE(gamma, lambda) over response tokens, returns = advantages + values; whiten advantages;
+6. ppo_epochs x shuffled minibatches: clipped policy loss + vf_coef x clipped value loss
+   (- ent_coef x entropy), every loss a mean over the minibatch's response tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align import data as D
+from align.bundle import ModelBundle, build_bundle, load_reward_function, call_reward_function
+from align.config import PPOConfig
+from align.generation import Rollout, decode_responses, sample
+from align.modeling import count_parameters, load_tokenizer, save_model
+from align.ops import entropy_from_logits, masked_mean, masked_whiten
+from align.rl import (AdaptiveKLController, FixedKLController, gae, kl_estimate, per_token_rewards, policy_loss,
+                      value_loss)
+from align.runtime import (Checkpointer, MetricsLogger, finish_model, linear_decay, load_trainer_state,
+                           make_accelerator, make_optimizer, peak_memory_mb, prepare_run_dir, progress, rng_state,
+                           set_rng_state, set_seed, write_summary)
+
+
+@torch.no_grad()
+def evaluate(bundle: ModelBundle, actor: Any, tokenizer: Any, prompts: list[D.Prompt], cfg: PPOConfig,
+             gold: Any) -> dict[str, float]:
+    """Greedy responses on the held-out prompts, scored by the learned reward (and the gold one)."""
+    p = cfg.ppo
+    scores, golds, lengths, eos = [], [], [], []
+    for s in range(0, len(prompts), p.rollout_batch_size):
+        chunk = prompts[s:s + p.rollout_batch_size]
+        rollout = sample(actor, tokenizer, [q.ids for q in chunk], p.response_length, greedy=True)
+        texts = decode_responses(tokenizer, rollout)
+        raw = [q.text for q in chunk]
+        scores.append(bundle.reward.scores(raw, texts, rollout, [tokenizer.decode(q.ids) for q in chunk]).cpu())
+        if gold is not None:
+            golds.append(call_reward_function(gold, cfg.eval.gold_reward, raw, texts))
+        lengths.append(rollout.response_mask.sum(1).float().cpu())
+        eos.append(rollout.has_eos.float().cpu())
+    out = {"eval/reward": torch.cat(scores).mean().item(), "eval/response_length": torch.cat(lengths).mean().item(),
+           "eval/eos_rate": torch.cat(eos).mean().item()}
+    if golds:
+        out["eval/gold_reward"] = torch.cat(golds).mean().item()
+    return out
+
+
+def train_ppo(cfg: PPOConfig, resume: bool = False) -> dict[str, Any]:
+    t_start = time.time()
+    p = cfg.ppo
+    accelerator = make_accelerator(p.mixed_precision)
+    is_main, rank, world, device = (accelerator.is_main_process, accelerator.process_index,
+                                    accelerator.num_processes, accelerator.device)
+    set_seed(cfg.seed)
+    run = prepare_run_dir(cfg.output_dir, cfg, resume, is_main)
+
+    # ---- data, the four models, optimizers
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    d = cfg.data
+    prompts, report = D.load_prompts(d.train, d.format, d.prompt_template, tokenizer, d.max_length, d.truncation,
+                                     d.split, d.max_samples)
+    eval_prompts = D.load_prompts(cfg.eval.prompts, d.format, d.prompt_template, tokenizer, d.max_length,
+                                  d.truncation, max_samples=cfg.eval.max_samples)[0] if cfg.eval.prompts else []
+    gold = load_reward_function(cfg.eval.gold_reward, "eval.gold_reward") if cfg.eval.gold_reward else None
+    global_batch = p.rollout_batch_size * world
+    n_steps = p.total_episodes // global_batch
+    ckpt = run.latest_checkpoint() if resume else None
+    bundle = build_bundle(cfg, tokenizer, device, ckpt)
+    actor_opt = make_optimizer(bundle.actor.parameters(), p.lr, p.weight_decay, p.adam_betas)
+    critic_opt = make_optimizer(bundle.critic.parameters(), cfg.critic.lr, p.weight_decay, p.adam_betas)
+    actor_sched, critic_sched = linear_decay(actor_opt, n_steps), linear_decay(critic_opt, n_steps)
+    actor, critic, actor_opt, critic_opt = accelerator.prepare(bundle.actor, bundle.critic, actor_opt, critic_opt)
+    unwrapped_actor, unwrapped_critic = accelerator.unwrap_model(actor), accelerator.unwrap_model(critic)
+    kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target is not None
+              else FixedKLController(p.kl_coef))
+
+    state = {"step": 0, "episode": 0, "epoch": 0, "batch_in_epoch": 0, "train_time": 0.0}
+    if ckpt is not None:
+        saved = load_trainer_state(ckpt)
+        for obj, key in ((actor_opt, "actor_opt"), (critic_opt, "critic_opt"), (actor_sched, "actor_sched"),
+                         (critic_sched, "critic_sched"), (kl_ctl, "kl_ctl")):
+            obj.load_state_dict(saved[key])
+        set_rng_state(saved["rng"])
+        state.update(saved["state"])
+    if is_main:
+        a_train, a_total = count_parameters(unwrapped_actor)
+        print(f"ppo: {report.kept} prompts ({report.dropped} dropped as longer than {d.max_length} tokens); "
+              f"{n_steps} steps of {global_batch} episodes; actor trains {a_train:,} of {a_total:,} parameters "
+              f"({cfg.memory_mode} mode); reward: {cfg.reward.model or cfg.reward.function}; "
+              f"{world} process(es) on {device}", flush=True)
+        if ckpt is not None:
+            print(f"ppo: resumed from {ckpt} at step {state['step']} (kl_coef {kl_ctl.value:.4g})", flush=True)
+
+    logger = MetricsLogger(run, is_main)
+    checkpointer = Checkpointer(run, p.keep_checkpoints)
+    samples_file = open(run.root / "samples.jsonl", "a", encoding="utf-8") if is_main else None
+
+    def write_models(path: Path) -> None:
+        save_model(unwrapped_actor, tokenizer, path / "actor")
+        save_model(unwrapped_critic, tokenizer, path / "critic")
+
+    batches = D.global_batches(len(prompts), global_batch, cfg.seed, start_epoch=state["epoch"])
+    for _ in range(state["batch_in_epoch"]):
+        next(batches)
+    bar = progress(n_steps, state["step"], "ppo", is_main)
+    last_eval: dict[str, float] = {}
+    t_loop = time.time() - state["train_time"]
+    while state["step"] < n_steps:
+        t0 = time.time()
+        epoch, index, indices = next(batches)
+        batch_prompts = [prompts[i] for i in D.shard(indices, rank, world)]
+
+        # ---- 1-2. rollout, truncated after the first EOS
+        rollout = sample(unwrapped_actor, tokenizer, [q.ids for q in batch_prompts], p.response_length,
+                         temperature=p.temperature)
+        responses = decode_responses(tokenizer, rollout)
+        mask = rollout.response_mask.float()  # (B, R)
+        t_rollout = time.time() - t0
+
+        # ---- 3. score: old and reference log-probs, values, rewards; all without grad
+        with torch.no_grad():
+            logprobs, _ = bundle.policy_logprobs(actor, rollout)  # (B, R)
+            ref_logprobs = bundle.reference_logprobs(rollout, unwrapped_actor)  # (B, R)
+            values = bundle.values(critic, rollout) * mask  # (B, R)
+            scores = bundle.reward.scores([q.text for q in batch_prompts], responses, rollout,
+                                          [tokenizer.decode(q.ids) for q in batch_prompts])  # (B,)
+            if cfg.reward.missing_eos_penalty is not None:
+                scores = torch.where(rollout.has_eos, scores, scores - cfg.reward.missing_eos_penalty)
+            if cfg.reward.clip is not None:
+                scores = scores.clamp(-cfg.reward.clip, cfg.reward.clip)
+
+            # ---- 4. per-token rewards: KL penalty on every token, the score on the last
+            kl = kl_estimate(logprobs, ref_logprobs, p.kl_estimator) * mask  # (B, R)
+            rewards, non_score_reward = per_token_rewards(scores, kl, mask, kl_ctl.value)
+            if cfg.reward.whiten:
+                rewards = masked_whiten(rewards, mask, shift_mean=False)
+
+            # ---- 5. advantages and returns
+            advantages, returns = gae(rewards, values, mask, p.gamma, p.lam)
+            if p.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)
+
+        # ---- 6. PPO updates: epochs x shuffled minibatches x micro-batches
+        t1 = time.time()
+        stats: dict[str, list[torch.Tensor]] = {k: [] for k in (
+            "approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio", "ratio_var")}
+        B = rollout.response_ids.shape[0]
+        for _ in range(p.ppo_epochs):
+            order = torch.randperm(B, device=device)
+            for start in range(0, B, p.mini_batch_size):
+                mb_idx = order[start:start + p.mini_batch_size]
+                # Every micro-batch's token mean is weighted by its share of the minibatch's tokens,
+                # so the update is the minibatch token mean whatever the accumulation or process count.
+                mb_tokens = accelerator.reduce(mask[mb_idx].sum(), "sum")
+                micro_starts = range(0, len(mb_idx), p.micro_batch_size)
+                for j, ms in enumerate(micro_starts):
+                    idx = mb_idx[ms:ms + p.micro_batch_size]
+                    mb_mask = mask[idx]
+                    with contextlib.ExitStack() as stack:
+                        if j < len(micro_starts) - 1:  # sync gradients across processes only once
+                            stack.enter_context(accelerator.no_sync(actor))
+                            stack.enter_context(accelerator.no_sync(critic))
+                        sub = rollout.select(idx)
+                        new_logprobs, logits = bundle.policy_logprobs(actor, sub)
+                        vpred = bundle.values(critic, sub)
+                        pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[idx], advantages[idx], mb_mask, p.clip_eps)
+                        vf_loss, vf_stats = value_loss(vpred, values[idx], returns[idx], mb_mask, p.value_clip_eps)
+                        entropy = masked_mean(entropy_from_logits(logits), mb_mask)
+                        loss = pg_loss + p.vf_coef * vf_loss - p.ent_coef * entropy
+                        accelerator.backward(loss * mb_mask.sum() * world / mb_tokens.clamp(min=1))
+                    for k, v in (("approxkl", pg_stats["approxkl"]), ("clipfrac", pg_stats["clipfrac"]),
+                                 ("pg_loss", pg_loss), ("vf_loss", vf_loss), ("vf_clipfrac", vf_stats["clipfrac"]),
+                                 ("entropy", entropy), ("ratio", pg_stats["ratio"]), ("ratio_var", pg_stats["ratio_var"])):
+                        stats[k].append(v.detach())
+                accelerator.clip_grad_norm_(actor.parameters(), p.max_grad_norm)
+                accelerator.clip_grad_norm_(critic.parameters(), p.max_grad_norm)
+                actor_opt.step()
+                critic_opt.step()
+                actor_opt.zero_grad(set_to_none=True)
+                critic_opt.zero_grad(set_to_none=True)
+        actor_sched.step()
+        critic_sched.step()
+        t_update = time.time() - t1
+
+        # ---- bookkeeping: KL controller, counters, metrics (named as TRL's, to compare curves)
+        mean_kl = accelerator.reduce(kl.sum(1).mean(), "mean")
+        beta = kl_ctl.value
+        kl_ctl.update(mean_kl.item(), global_batch)
+        state["step"] += 1
+        state["episode"] += global_batch
+        state["epoch"], state["batch_in_epoch"] = ((epoch + 1, 0) if index + 1 == len(prompts) // global_batch
+                                                   else (epoch, index + 1))
+        bar.update(1)
+        step_time = time.time() - t0
+        if state["step"] % p.log_every == 0 or state["step"] == n_steps:
+            mean = lambda x: accelerator.reduce(x.float().mean(), "mean").item()  # noqa: E731
+            avg = {k: accelerator.reduce(torch.stack(v).mean(), "mean").item() for k, v in stats.items()}
+            seq_tokens = rollout.attention_mask.sum().float()
+            metrics = {
+                "objective/kl": mean_kl.item(),
+                "objective/entropy": mean((-logprobs * mask).sum(1)),
+                "objective/non_score_reward": mean(non_score_reward.sum(1)),
+                "objective/rlhf_reward": mean(scores + non_score_reward.sum(1)),
+                "objective/scores": mean(scores),
+                "objective/kl_coef": beta,
+                "policy/approxkl_avg": avg["approxkl"], "policy/clipfrac_avg": avg["clipfrac"],
+                "policy/entropy_avg": avg["entropy"],
+                "loss/policy_avg": avg["pg_loss"], "loss/value_avg": avg["vf_loss"],
+                "val/clipfrac_avg": avg["vf_clipfrac"], "val/ratio": avg["ratio"], "val/ratio_var": avg["ratio_var"],
+                "val/num_eos_tokens": accelerator.reduce(rollout.has_eos.sum(), "sum").item(),
+                "response_length": mean(mask.sum(1)), "eos_rate": mean(rollout.has_eos),
+                "lr": actor_sched.get_last_lr()[0], "episode": state["episode"],
+                "episodes_per_sec": global_batch / step_time,
+                "tokens_per_sec": accelerator.reduce(seq_tokens, "sum").item() / step_time,
+                "time/rollout": t_rollout, "time/update": t_update, "peak_memory_mb": peak_memory_mb(),
+            }
+            logger.log(state["step"], metrics)
+            bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+        if is_main and (state["step"] % p.sample_every == 0 or state["step"] == 1):
+            rows = [{"step": state["step"], "prompt": q.text, "response": r, "score": float(s)}
+                    for q, r, s in list(zip(batch_prompts, responses, scores.tolist()))[:p.samples_logged]]
+            for row in rows:
+                samples_file.write(json.dumps(row, ensure_ascii=False) + "\n")
+                bar.write(f"  [step {row['step']}] {row['prompt']!r} -> {row['response']!r}  score {row['score']:+.3f}")
+            samples_file.flush()
+        if eval_prompts and (state["step"] % p.eval_every == 0 or state["step"] == n_steps):
+            if is_main:
+                last_eval = evaluate(bundle, unwrapped_actor, tokenizer, eval_prompts, cfg, gold)
+                logger.log(state["step"], last_eval)
+            accelerator.wait_for_everyone()
+        state["train_time"] = time.time() - t_loop
+        if state["step"] % p.save_every == 0 and state["step"] < n_steps:
+            if is_main:
+                checkpointer.save(state["step"], write_models, {
+                    "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
+                    "actor_sched": actor_sched.state_dict(), "critic_sched": critic_sched.state_dict(),
+                    "kl_ctl": kl_ctl.state_dict(), "rng": rng_state(), "state": state})
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    # ---- the final actor, then the summary that marks the run complete
+    if is_main:
+        finish_model(run, lambda path: save_model(unwrapped_actor, tokenizer, path, merge_lora=cfg.lora.merge))
+        samples_file.close()
+    accelerator.wait_for_everyone()
+    summary = {"stage": "ppo", "steps": state["step"], "episodes": state["episode"],
+               "wall_time_sec": time.time() - t_start, "train_time_sec": state["train_time"],
+               "peak_memory_mb": peak_memory_mb(), "kl_coef": kl_ctl.value, "memory_mode": cfg.memory_mode,
+               **last_eval}
+    if is_main:
+        write_summary(run, summary)
+    logger.close()
+    return summary
