@@ -28,8 +28,19 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        finally:
+            end_process_group()
 
     return wrapper
+
+
+def end_process_group() -> None:
+    """Destroy the process group of a distributed run (`accelerate launch`, torchrun) before the
+    process exits, as torch.distributed asks. The command does it, not each stage, because a recipe
+    chains several stages in one process and they share the group."""
+    torch = sys.modules.get("torch")  # only a command that imported torch can have started a group
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",

@@ -102,7 +102,7 @@ def train_ppo(cfg: PPOConfig, resume: bool = False) -> dict[str, Any]:
         if ckpt is not None:
             print(f"ppo: resumed from {ckpt} at step {state['step']} (kl_coef {kl_ctl.value:.4g})", flush=True)
 
-    logger = MetricsLogger(run, is_main)
+    logger = MetricsLogger(run, is_main, state["step"] if ckpt is not None else None)
     checkpointer = Checkpointer(run, p.keep_checkpoints)
     samples_file = open(run.root / "samples.jsonl", "a", encoding="utf-8") if is_main else None
 

@@ -178,16 +178,10 @@ def prepare_run_dir(output_dir: str, cfg: Any, resume: bool, is_main: bool) -> R
             probe.unlink()
         except OSError as e:
             raise AlignError(f"output_dir '{run.root}' is not writable: {e.strerror}") from None
-        if run.metrics.exists():
-            # A resumed run repeats the steps after its checkpoint, so their rows from the killed
-            # process are dropped; a run that never reached a checkpoint starts over.
-            ckpt = run.latest_checkpoint() if resume else None
-            if ckpt is None:
-                run.metrics.unlink()
-            else:
-                step = int(ckpt.name.split("-")[-1])
-                rows = [r for r in read_metrics(run.metrics) if r.get("step", 0) <= step]
-                atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+        if run.metrics.exists() and (not resume or run.latest_checkpoint() is None):
+            # A run that never reached a checkpoint starts over, even with --resume. (A resumed run
+            # drops the rows logged after its checkpoint in MetricsLogger.)
+            run.metrics.unlink()
         save_config(cfg, run.config)
     return run
 
@@ -210,11 +204,16 @@ class MetricsLogger:
     """Appends one JSON line per logged step to metrics.jsonl (flushed each time, so it survives a
     kill) and mirrors scalars to TensorBoard when it is installed. Only the main process writes."""
 
-    def __init__(self, run: RunDir, enabled: bool):
+    def __init__(self, run: RunDir, enabled: bool, resume_step: int | None = None):
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
+        if resume_step is not None and run.metrics.exists():
+            # Rows logged after the checkpoint will be logged again by the resumed run: drop them,
+            # so the file reads as one uninterrupted run.
+            kept = [json.dumps(r) + "\n" for r in read_metrics(run.metrics) if r.get("step", 0) <= resume_step]
+            atomic_write_text(run.metrics, "".join(kept))
         self.file = open(run.metrics, "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter

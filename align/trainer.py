@@ -120,7 +120,7 @@ def fit(stage: Stage, *, t: TrainConfig, seed: int, run: RunDir, accelerator: An
         if resume_from is not None:
             print(f"{stage.name}: resumed from {resume_from} at step {state['step']}", flush=True)
 
-    logger = MetricsLogger(run, is_main)
+    logger = MetricsLogger(run, is_main, state["step"] if resume_from is not None else None)
     checkpointer = Checkpointer(run, t.keep_checkpoints)
 
     def write_checkpoint() -> None:

@@ -1,0 +1,14 @@
+"""Reward functions for the PPO tests, imported by `module:function` like a user's own."""
+
+
+def fraction_of_sevens(prompts: list[str], responses: list[str]) -> list[float]:
+    """Fraction of the response's characters that are '7': dense enough to learn in a few steps."""
+    return [r.count("7") / max(1, len(r)) for r in responses]
+
+
+def raises(prompts: list[str], responses: list[str]) -> list[float]:
+    raise RuntimeError("boom")
+
+
+def wrong_count(prompts: list[str], responses: list[str]) -> list[float]:
+    return [0.0] * (len(responses) + 1)
