@@ -85,27 +85,36 @@ def call_reward_function(fn: RewardFn, spec: str, prompts: list[str], responses:
 class Reward:
     """The frozen reward: a reward model read at the last real token, or a function of text."""
 
-    def __init__(self, cfg: PPOConfig, tokenizer: Any, device: torch.device):
-        rc = cfg.reward
-        self.spec, self.fn, self.model, self.bias = rc.function, None, None, 0.0
+    def __init__(self, tokenizer: Any, device: torch.device, *, model: str | None = None,
+                 function: str | None = None, dtype: str = "auto", on_cpu: bool = False, offload: bool = False,
+                 normalize: bool = True, key: str = "reward"):
+        self.spec, self.fn, self.model, self.bias = function, None, None, 0.0
         self.device = device
-        if rc.function:
-            self.fn = load_reward_function(rc.function, "reward.function")
+        if function:
+            self.fn = load_reward_function(function, f"{key}.function")
             return
-        path = resolve_model_path(rc.model)
+        if model is None:
+            raise AlignError(f"set one of config keys '{key}.model' and '{key}.function'")
+        path = resolve_model_path(model)
         self.tokenizer = load_tokenizer(path)
         # Same vocabulary: score the policy's ids directly. Otherwise bridge through text.
         self.same_vocab = self.tokenizer.get_vocab() == tokenizer.get_vocab()
         from transformers import AutoModelForSequenceClassification
 
-        self.home = torch.device("cpu") if rc.device == "cpu" or rc.offload else device
-        mcfg = ModelConfig(path=path, dtype=cfg.model.dtype, disable_dropout=True)
+        self.home = torch.device("cpu") if on_cpu or offload else device
+        mcfg = ModelConfig(path=path, dtype=dtype, disable_dropout=True)
         self.model = ScoreModel(load_pretrained(AutoModelForSequenceClassification, mcfg, self.tokenizer,
                                                 trainable=False, device=self.home, num_labels=1))
-        self.offload = rc.offload
+        self.offload = offload
         norm = Path(path) / "align_reward.json"
-        if rc.normalize and norm.is_file():
+        if normalize and norm.is_file():
             self.bias = float(json.loads(norm.read_text())["bias"])
+
+    @classmethod
+    def from_ppo(cls, cfg: PPOConfig, tokenizer: Any, device: torch.device) -> "Reward":
+        rc = cfg.reward
+        return cls(tokenizer, device, model=rc.model, function=rc.function, dtype=cfg.model.dtype,
+                   on_cpu=rc.device == "cpu", offload=rc.offload, normalize=rc.normalize)
 
     @torch.no_grad()
     def scores(self, prompt_texts: list[str], response_texts: list[str], rollout: Rollout,
@@ -186,5 +195,5 @@ def build_bundle(cfg: PPOConfig, tokenizer: Any, device: torch.device, resume_fr
     critic_lora = LoraConfig(**{**cfg.lora.__dict__, "enabled": cfg.critic.lora})
     critic = load_score_model(cfg.model, critic_lora, tokenizer, device,
                               resume_from / "critic" if resume_from is not None else None, path=critic_path)
-    reward = Reward(cfg, tokenizer, device)
+    reward = Reward.from_ppo(cfg, tokenizer, device)
     return ModelBundle(actor, critic, reward, reference, cfg.ppo.temperature)

@@ -124,6 +124,47 @@ def ppo_cmd(config: str | None, overrides: tuple[str, ...], resume: bool) -> Non
     click.echo(_summary_line("ppo", cfg.output_dir, summary))
 
 
+@main.command("eval")
+@click.argument("models", nargs=-1)
+@click.option("-c", "--config", "config", type=click.Path(dir_okay=False), default=None,
+              help="An eval YAML config (see docs/configuration.md); MODELS, if given, replace its `models`.")
+@set_option
+@user_errors
+def eval_cmd(models: tuple[str, ...], config: str | None, overrides: tuple[str, ...]) -> None:
+    """Evaluate checkpoints or run directories on the same held-out prompts.
+
+    Unset keys are taken from the first PPO run among MODELS (its eval prompts, reward, gold reward,
+    reference and prompt template), so `align eval runs/sft runs/ppo --set output_dir=runs/eval` works.
+    """
+    from align.config import EvalConfig, from_dict, read_yaml, parse_override, set_dotted
+    from align.evaluate import evaluate_models, infer_eval_defaults
+
+    data = read_yaml(config) if config else {}
+    if models:
+        data["models"] = list(models)
+    for item in overrides:
+        set_dotted(data, *parse_override(item))
+    data = {**infer_eval_defaults(data.get("models") or []), **data}
+    cfg = from_dict(EvalConfig, data)
+    cfg.validate()
+    results = evaluate_models(cfg)
+    click.echo(f"eval: wrote {Path(cfg.output_dir) / 'results.json'} ({len(results['models'])} models, "
+               f"{results['n_prompts']} prompts)")
+
+
+@main.command("run")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--from", "from_stage", default=None, metavar="STAGE",
+              help="Delete this stage's output and every later stage's, and rerun them.")
+@user_errors
+def run_cmd(recipe: str, overrides: tuple[str, ...], from_stage: str | None) -> None:
+    """Run every stage of a RECIPE in order: complete stages are skipped, interrupted ones resumed."""
+    from align.pipeline import run_recipe
+
+    run_recipe(recipe, overrides, from_stage)
+
+
 @main.command("task")
 @click.argument("name")
 @click.argument("out_dir", type=click.Path(file_okay=False))

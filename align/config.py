@@ -356,6 +356,62 @@ class PPOConfig:
         validate_common(self)
 
 
+@dataclass
+class EvalConfig:
+    """`align eval`: the same held-out prompts through several checkpoints, one set of metrics."""
+
+    output_dir: str = ""
+    """Where `results.json` and each model's `responses/<name>.jsonl` are written. Required."""
+    seed: int = 42
+    """Seeds the sampled responses (KL and the optional sampled scores)."""
+    models: list[str] = field(default_factory=list)
+    """Checkpoints or run directories to evaluate. Required."""
+    names: list[str] | None = None
+    """A display name per model; default: each run directory's name."""
+    reference: str | None = None
+    """The reference policy for KL (the SFT model); None skips KL."""
+    prompts: str = ""
+    """Held-out prompt file (any prompt format); a gold reward may read an `answer` field. Required."""
+    prompt_template: str = "{prompt}"
+    """Must be the template the models were trained with."""
+    max_prompt_length: int = 256
+    max_samples: int | None = None
+    """Use only the first N prompts."""
+    response_length: int = 32
+    """Most new tokens per response."""
+    reward_model: str | None = None
+    """The learned reward (an `align rm` run)."""
+    reward_function: str | None = None
+    """Or a `module:function` reward."""
+    gold_reward: str | None = None
+    """`module:function` gold reward, when the task has one."""
+    validation: str | None = None
+    """SFT validation file (prompt/response records) for perplexity and token accuracy."""
+    kl_temperature: float = 1.0
+    """Temperature of the samples the KL to the reference is estimated on (1: the policy itself)."""
+    sampled: bool = False
+    """Also score one temperature-`kl_temperature` sample per prompt (besides the greedy response)."""
+    batch_size: int = 64
+    max_length: int = 512
+    """Longest validation example (tokens)."""
+
+    def validate(self) -> None:
+        _require(self, ["output_dir", "prompts"])
+        if not self.models:
+            raise ConfigError("missing required config key 'models' (the checkpoints to evaluate)")
+        if self.names is not None and len(self.names) != len(self.models):
+            raise ConfigError(f"config key 'names' has {len(self.names)} names for {len(self.models)} models")
+        if self.reward_model and self.reward_function:
+            raise ConfigError("set at most one of config keys 'reward_model' and 'reward_function'")
+        checks = [("response_length", self.response_length >= 1, "must be >= 1"),
+                  ("batch_size", self.batch_size >= 1, "must be >= 1"),
+                  ("kl_temperature", self.kl_temperature > 0, "must be > 0"),
+                  ("max_samples", self.max_samples is None or self.max_samples >= 1, "must be >= 1")]
+        for key, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"config key '{key}' {why} (got {_get(self, key)!r})")
+
+
 def validate_common(cfg: Any) -> None:
     """Range checks for the sections most configs share."""
     checks: list[tuple[str, bool, str]] = []

@@ -149,7 +149,9 @@ def sections(cls: type, prefix: str = "", instance: Any = None, description: str
         value = _field_default(f, instance)
         if dataclasses.is_dataclass(hint):
             sub = value if dataclasses.is_dataclass(value) else None
-            desc = docs.get(f.name) or class_doc(hint)
+            # The field's own docstring says what the section is for in this command; the class
+            # docstring what the section is in general.
+            desc = "\n\n".join(d for d in (docs.get(f.name, ""), class_doc(hint)) if d)
             nested += sections(hint, f"{prefix}{f.name}.", sub, desc)
         else:
             own.keys.append(Key(f"{prefix}{f.name}", type_name(hint), format_default(value), docs.get(f.name, "")))

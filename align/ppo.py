@@ -85,7 +85,7 @@ def train_ppo(cfg: PPOConfig, resume: bool = False) -> dict[str, Any]:
     kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target is not None
               else FixedKLController(p.kl_coef))
 
-    state = {"step": 0, "episode": 0, "epoch": 0, "batch_in_epoch": 0, "train_time": 0.0}
+    state = {"step": 0, "episode": 0, "epoch": 0, "batch_in_epoch": 0, "train_time": 0.0, "tokens_seen": 0}
     if ckpt is not None:
         saved = load_trainer_state(ckpt)
         for obj, key in ((actor_opt, "actor_opt"), (critic_opt, "critic_opt"), (actor_sched, "actor_sched"),
@@ -199,6 +199,8 @@ def train_ppo(cfg: PPOConfig, resume: bool = False) -> dict[str, Any]:
         kl_ctl.update(mean_kl.item(), global_batch)
         state["step"] += 1
         state["episode"] += global_batch
+        step_tokens = accelerator.reduce(rollout.attention_mask.sum(), "sum").item()
+        state["tokens_seen"] += step_tokens
         state["epoch"], state["batch_in_epoch"] = ((epoch + 1, 0) if index + 1 == len(prompts) // global_batch
                                                    else (epoch, index + 1))
         bar.update(1)
@@ -206,7 +208,6 @@ def train_ppo(cfg: PPOConfig, resume: bool = False) -> dict[str, Any]:
         if state["step"] % p.log_every == 0 or state["step"] == n_steps:
             mean = lambda x: accelerator.reduce(x.float().mean(), "mean").item()  # noqa: E731
             avg = {k: accelerator.reduce(torch.stack(v).mean(), "mean").item() for k, v in stats.items()}
-            seq_tokens = rollout.attention_mask.sum().float()
             metrics = {
                 "objective/kl": mean_kl.item(),
                 "objective/entropy": mean((-logprobs * mask).sum(1)),
@@ -222,7 +223,7 @@ def train_ppo(cfg: PPOConfig, resume: bool = False) -> dict[str, Any]:
                 "response_length": mean(mask.sum(1)), "eos_rate": mean(rollout.has_eos),
                 "lr": actor_sched.get_last_lr()[0], "episode": state["episode"],
                 "episodes_per_sec": global_batch / step_time,
-                "tokens_per_sec": accelerator.reduce(seq_tokens, "sum").item() / step_time,
+                "tokens_per_sec": step_tokens / step_time,
                 "time/rollout": t_rollout, "time/update": t_update, "peak_memory_mb": peak_memory_mb(),
             }
             logger.log(state["step"], metrics)
@@ -254,7 +255,7 @@ def train_ppo(cfg: PPOConfig, resume: bool = False) -> dict[str, Any]:
         finish_model(run, lambda path: save_model(unwrapped_actor, tokenizer, path, merge_lora=cfg.lora.merge))
         samples_file.close()
     accelerator.wait_for_everyone()
-    summary = {"stage": "ppo", "steps": state["step"], "episodes": state["episode"],
+    summary = {"stage": "ppo", "steps": state["step"], "episodes": state["episode"], "tokens_seen": state["tokens_seen"],
                "wall_time_sec": time.time() - t_start, "train_time_sec": state["train_time"],
                "peak_memory_mb": peak_memory_mb(), "kl_coef": kl_ctl.value, "memory_mode": cfg.memory_mode,
                **last_eval}

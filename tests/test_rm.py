@@ -67,7 +67,7 @@ def test_normalisation_makes_reference_responses_score_zero(tiny_model_dir, toy_
 
     ppo_cfg = from_dict(PPOConfig, {"output_dir": "x", "model": {"path": str(tiny_model_dir)}, "data": {"train": "x"},
                                     "reward": {"model": str(tmp_path / "rm")}})
-    reward = Reward(ppo_cfg, tokenizer, torch.device("cpu"))
+    reward = Reward.from_ppo(ppo_cfg, tokenizer, torch.device("cpu"))
     assert reward.bias == pytest.approx(bias)
     ids = [[*tokenizer(p, add_special_tokens=False).input_ids] for p in ("1?", "2?")]
     resp = [tokenizer(r, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for r in ("ab", "ba")]

@@ -1,0 +1,210 @@
+"""`align eval`: the same held-out prompts through several checkpoints, with the same metrics.
+
+For each model:
+- greedy responses to every prompt, scored by the learned reward and the gold reward (if any);
+- KL to the reference policy, estimated on one sample per prompt y ~ pi:
+  KL = mean_prompts sum_t [log pi(y_t | ...) - log pi_ref(y_t | ...)] (k1, unbiased; Schulman's
+  note), both distributions at `kl_temperature`;
+- perplexity and token accuracy on the SFT validation set (response tokens only);
+- mean response length (tokens, EOS included) and EOS rate;
+- the compute that produced it: wall time, tokens and episodes, peak memory, summed along the
+  chain of runs that led to it (SFT, then SFT+PPO, ...).
+Writes `results.json` and `responses/<name>.jsonl` (per prompt: response, reward, gold) into
+`output_dir`; `align compare` builds the report from them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from align import data as D
+from align.bundle import Reward, call_reward_function, load_reward_function, response_logits
+from align.config import EvalConfig, ModelConfig
+from align.generation import decode_responses, sample
+from align.modeling import load_pretrained, load_tokenizer, resolve_model_path
+from align.ops import masked_nll_sum, selective_log_softmax, token_correct
+from align.runtime import atomic_write_text, peak_memory_mb, set_seed
+
+
+def model_name(path: str) -> str:
+    p = Path(path)
+    return p.parent.name if p.name == "model" else p.name
+
+
+def lineage_compute(path: str) -> dict[str, Any]:
+    """Compute spent to produce the model at `path`: its run's summary plus, following each run's
+    `model.path`, the runs it started from. Empty for a model that is not an align run."""
+    totals = {"wall_time_sec": 0.0, "tokens": 0, "episodes": 0, "peak_memory_mb": 0.0, "stages": []}
+    run = Path(path).parent if Path(path).name == "model" else Path(path)
+    seen = set()
+    while (run / "summary.json").is_file() and run.resolve() not in seen:
+        seen.add(run.resolve())
+        summary = json.loads((run / "summary.json").read_text())
+        totals["wall_time_sec"] += summary.get("train_time_sec", summary.get("wall_time_sec", 0.0))
+        totals["tokens"] += summary.get("tokens_seen", 0) + summary.get("tokens_generated", 0)
+        totals["episodes"] += summary.get("episodes", 0)
+        totals["peak_memory_mb"] = max(totals["peak_memory_mb"], summary.get("peak_memory_mb", 0.0))
+        totals["stages"].insert(0, summary.get("stage", run.name))
+        config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+        upstream = ((config or {}).get("model") or {}).get("path")
+        if not upstream:
+            break
+        up = Path(upstream)
+        run = up.parent if up.name == "model" else up
+    return totals
+
+
+@torch.no_grad()
+def sequence_logprob_sums(model: Any, rollout: Any, temperature: float) -> torch.Tensor:
+    """(B,) summed log-probs of each row's response tokens under `model`."""
+    logits = response_logits(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_ids.shape[1],
+                             temperature)
+    return (selective_log_softmax(logits, rollout.response_ids) * rollout.response_mask).sum(1)
+
+
+@torch.no_grad()
+def validation_metrics(model: Any, tokenizer: Any, cfg: EvalConfig) -> dict[str, float]:
+    records = D.read_records(cfg.validation)
+    fmt = D.detect_format(records)
+    D.validate_records(records, fmt)
+    examples, _ = D.tokenize_sft(records, fmt, cfg.prompt_template, tokenizer, cfg.max_length, "drop")
+    totals = torch.zeros(3)
+    for s in range(0, len(examples), cfg.batch_size):
+        batch = D.pad_examples(examples[s:s + cfg.batch_size], tokenizer.pad_token_id)
+        device = next(model.parameters()).device
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        nll, n = masked_nll_sum(logits, batch["labels"].to(device))
+        correct, _ = token_correct(logits, batch["labels"].to(device))
+        totals += torch.stack([nll.float(), correct.float(), n.float()]).cpu()
+    loss = (totals[0] / totals[2]).item()
+    return {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": (totals[1] / totals[2]).item()}
+
+
+def evaluate_models(cfg: EvalConfig) -> dict[str, Any]:
+    """Run the evaluation and write results.json; returns its content."""
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.time()
+    out = Path(cfg.output_dir)
+    paths = [resolve_model_path(m) for m in cfg.models]  # fails fast on a missing path
+    names = cfg.names or [model_name(m) for m in cfg.models]
+    if len(set(names)) != len(names):
+        raise_duplicate(names)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(paths[0])
+    prompts, report = D.load_prompts(cfg.prompts, "auto", cfg.prompt_template, tokenizer, cfg.max_prompt_length,
+                                     "drop", max_samples=cfg.max_samples)
+    reward = (Reward(tokenizer, device, model=cfg.reward_model, function=cfg.reward_function, key="reward_model")
+              if cfg.reward_model or cfg.reward_function else None)
+    gold = load_reward_function(cfg.gold_reward, "gold_reward") if cfg.gold_reward else None
+    reference = (load_pretrained(AutoModelForCausalLM, ModelConfig(path=cfg.reference), tokenizer, trainable=False,
+                                 device=device) if cfg.reference else None)
+    (out / "responses").mkdir(parents=True, exist_ok=True)
+    raw = [q.text for q in prompts]
+    texts_in = [tokenizer.decode(q.ids) for q in prompts]
+    results = []
+    for name, path in zip(names, paths):
+        model = load_pretrained(AutoModelForCausalLM, ModelConfig(path=path), tokenizer, trainable=False, device=device)
+        set_seed(cfg.seed)
+        rows: list[dict[str, Any]] = [{"prompt": t} for t in raw]
+        sums: dict[str, float] = {"response_length": 0.0, "eos_rate": 0.0, "reward": 0.0, "gold_reward": 0.0,
+                                  "kl_to_reference": 0.0, "sampled_reward": 0.0, "sampled_gold_reward": 0.0}
+        for s in range(0, len(prompts), cfg.batch_size):
+            chunk = slice(s, s + cfg.batch_size)
+            ids = [q.ids for q in prompts[chunk]]
+            greedy = sample(model, tokenizer, ids, cfg.response_length, greedy=True)
+            texts = decode_responses(tokenizer, greedy)
+            sums["response_length"] += greedy.response_mask.sum().item()
+            sums["eos_rate"] += greedy.has_eos.sum().item()
+            for i, text in enumerate(texts):
+                rows[s + i]["response"] = text
+            scored = [("reward", "gold_reward", greedy, texts)]
+            if cfg.reference is not None or cfg.sampled:
+                sampled = sample(model, tokenizer, ids, cfg.response_length, temperature=cfg.kl_temperature)
+                sampled_texts = decode_responses(tokenizer, sampled)
+                if reference is not None:
+                    kl = sequence_logprob_sums(model, sampled, cfg.kl_temperature) - \
+                        sequence_logprob_sums(reference, sampled, cfg.kl_temperature)
+                    sums["kl_to_reference"] += kl.sum().item()
+                if cfg.sampled:
+                    scored.append(("sampled_reward", "sampled_gold_reward", sampled, sampled_texts))
+                    for i, text in enumerate(sampled_texts):
+                        rows[s + i]["sampled_response"] = text
+            for r_key, g_key, rollout, rtexts in scored:
+                if reward is not None:
+                    scores = reward.scores(raw[chunk], rtexts, rollout, texts_in[chunk]).cpu().tolist()
+                    sums[r_key] += sum(scores)
+                    for i, v in enumerate(scores):
+                        rows[s + i][r_key] = v
+                if gold is not None:
+                    golds = call_reward_function(gold, cfg.gold_reward, raw[chunk], rtexts).tolist()
+                    sums[g_key] += sum(golds)
+                    for i, v in enumerate(golds):
+                        rows[s + i][g_key] = v
+        n = len(prompts)
+        metrics = {"response_length": sums["response_length"] / n, "eos_rate": sums["eos_rate"] / n}
+        if reward is not None:
+            metrics["reward"] = sums["reward"] / n
+        if gold is not None:
+            metrics["gold_reward"] = sums["gold_reward"] / n
+        if reference is not None:
+            metrics["kl_to_reference"] = sums["kl_to_reference"] / n
+        if cfg.sampled:
+            metrics.update({k: sums[k] / n for k in ("sampled_reward", "sampled_gold_reward")
+                            if (k == "sampled_reward" and reward) or (k == "sampled_gold_reward" and gold)})
+        if cfg.validation:
+            metrics.update(validation_metrics(model, tokenizer, cfg))
+        atomic_write_text(out / "responses" / f"{name}.jsonl",
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        results.append({"name": name, "path": str(path), "metrics": metrics, "compute": lineage_compute(cfg.models[names.index(name)]),
+                        "responses": f"responses/{name}.jsonl"})
+        print(f"eval: {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+    content = {"prompts": cfg.prompts, "n_prompts": len(prompts), "baseline": names[0], "models": results,
+               "has_reward": reward is not None, "has_gold": gold is not None,
+               "wall_time_sec": time.time() - t0, "peak_memory_mb": peak_memory_mb()}
+    atomic_write_text(out / "results.json", json.dumps(content, indent=2))
+    return content
+
+
+def infer_eval_defaults(models: list[str]) -> dict[str, Any]:
+    """Eval settings read off the first PPO run among `models`: its eval prompts, reward, gold reward,
+    reference (the SFT model) and prompt template; and the SFT run's validation file."""
+    for m in models:
+        run = Path(m).parent if Path(m).name == "model" else Path(m)
+        cfg_path = run / "config.yaml"
+        if not cfg_path.is_file():
+            continue
+        cfg = yaml.safe_load(cfg_path.read_text()) or {}
+        if "ppo" not in cfg:
+            continue
+        out: dict[str, Any] = {"reference": cfg["model"]["path"], "prompt_template": cfg["data"]["prompt_template"],
+                               "response_length": cfg["ppo"]["response_length"]}
+        if cfg["reward"].get("model"):
+            out["reward_model"] = cfg["reward"]["model"]
+        if cfg["reward"].get("function"):
+            out["reward_function"] = cfg["reward"]["function"]
+        if cfg["eval"].get("prompts"):
+            out["prompts"] = cfg["eval"]["prompts"]
+        if cfg["eval"].get("gold_reward"):
+            out["gold_reward"] = cfg["eval"]["gold_reward"]
+        sft_cfg = Path(cfg["model"]["path"]) / "config.yaml"
+        if sft_cfg.is_file():
+            sft = yaml.safe_load(sft_cfg.read_text()) or {}
+            if (sft.get("data") or {}).get("validation"):
+                out["validation"] = sft["data"]["validation"]
+        return out
+    return {}
+
+
+def raise_duplicate(names: list[str]) -> None:
+    from align.errors import ConfigError
+
+    dup = sorted({n for n in names if names.count(n) > 1})
+    raise ConfigError(f"model names must differ; '{dup[0]}' appears twice (set config key 'names')")
