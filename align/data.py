@@ -418,10 +418,13 @@ def shard(indices: list[int], rank: int, world: int) -> list[int]:
 
 def preference_segments(rec: Record, side: str, template: str, tokenizer: Any) -> list[tuple[str, bool]]:
     """One side (`chosen` or `rejected`) of a pair as segments. Strings are a templated prompt plus
-    the response (EOS appended later); message lists are rendered with the chat template, the
-    prompt (a string becomes one user turn) followed by the side's assistant turns."""
+    the response (EOS appended later); message lists are rendered with the chat template: the
+    prompt (a string becomes one user turn) followed by the side's assistant turns, or the side
+    alone when it holds the whole conversation (TRL's implicit-prompt preference format)."""
     prompt, answer = rec.fields["prompt"], rec.fields[side]
     if isinstance(answer, list):
+        if any(m["role"] != "assistant" for m in answer):  # the side holds the whole conversation
+            return chat_segments(Record(rec.where, {"messages": answer}), tokenizer)
         context = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         return chat_segments(Record(rec.where, {"messages": context + answer}), tokenizer)
     if isinstance(prompt, list):
@@ -475,13 +478,18 @@ def load_prompts(source: str, fmt: str, template: str, tokenizer: Any, max_lengt
     prompts are never cut, since a cut prompt asks a different question."""
     records = read_records(source, split, max_samples)
     fmt = detect_format(records, fmt, PROMPT_FIELDS | FORMAT_FIELDS)
-    table = {**FORMAT_FIELDS, **PROMPT_FIELDS}
-    validate_records(records, fmt, {**table, fmt: table[fmt][:1] if fmt != "alpaca" else ("instruction",)})
+    if fmt in ("prompt", "preference", "prompt_response", "prompt_completion") and isinstance(
+            records[0].fields.get("prompt"), list):
+        # A conversation as the prompt (TRL's conversational preference/prompt sets).
+        records = [Record(r.where, {"messages": r.fields.get("prompt")}) for r in records]
+        fmt = "chat"
+    if fmt in ("preference", "prompt_response", "prompt_completion"):
+        fmt = "prompt"
+    validate_records(records, fmt, PROMPT_FIELDS)
     prefix = [] if fmt == "chat" else bos_prefix(tokenizer)
-    base_fmt = "alpaca" if fmt == "alpaca" else ("chat" if fmt == "chat" else "prompt_response")
     report, out = TokenizeReport(), []
     for rec in records:
-        text = prompt_text(rec, base_fmt, template, tokenizer)
+        text = prompt_text(rec, fmt if fmt != "prompt" else "prompt_response", template, tokenizer)
         ids = prefix + tokenizer(text, add_special_tokens=False).input_ids
         if len(ids) > max_length:
             if truncation == "error":
@@ -489,7 +497,7 @@ def load_prompts(source: str, fmt: str, template: str, tokenizer: Any, max_lengt
             report.dropped += 1
             continue
         report.kept += 1
-        raw = rec.fields["prompt"] if "prompt" in rec.fields and isinstance(rec.fields["prompt"], str) else text
+        raw = rec.fields["prompt"] if isinstance(rec.fields.get("prompt"), str) else text
         out.append(Prompt(raw, ids, rec.where))
     if not out:
         raise AlignError(f"{source}: every prompt is longer than the prompt limit ({max_length})")
