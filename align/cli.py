@@ -165,6 +165,28 @@ def run_cmd(recipe: str, overrides: tuple[str, ...], from_stage: str | None) -> 
     run_recipe(recipe, overrides, from_stage)
 
 
+@main.command("compare")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Report directory [default: report/ beside the first PATH's eval directory].")
+@click.option("--samples", default=8, show_default=True, type=click.IntRange(min=0),
+              help="Prompts shown with every model's response.")
+@user_errors
+def compare_cmd(paths: tuple[str, ...], out: str | None, samples: int) -> None:
+    """Put evaluated models side by side: table, win-rates, plots, samples (report.md, report.html).
+
+    Each PATH is an `align eval` output directory (holding results.json) or a pipeline root (holding
+    eval/results.json). Win-rates are against the first PATH's baseline model.
+    """
+    from align.compare import compare
+
+    report = compare(paths, out, samples=samples)
+    click.echo(report["table"]["text"])
+    for name, reason in report["skipped"].items():
+        click.echo(f"compare: skipped plot {name}: {reason}")
+    click.echo(f"compare: wrote {report['report_md']} and {report['report_html']}")
+
+
 @main.command("task")
 @click.argument("name")
 @click.argument("out_dir", type=click.Path(file_okay=False))

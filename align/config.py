@@ -251,6 +251,7 @@ class PPOLoopConfig:
     kl_horizon: int = 10000
     """Adaptive KL horizon, in episodes."""
     gamma: float = 1.0
+    """GAE discount factor over response tokens (1: no discounting)."""
     lam: float = 0.95
     """GAE lambda."""
     whiten_advantages: bool = True
@@ -266,19 +267,26 @@ class PPOLoopConfig:
     lr: float = 3e-6
     """Actor learning rate; decays linearly to 0 over the run (as in TRL and CleanRL)."""
     weight_decay: float = 0.0
+    """AdamW weight decay of actor and critic, on parameters with 2+ dimensions only."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's [beta1, beta2], for actor and critic."""
     max_grad_norm: float = 1.0
     """Gradient clipping, per model."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """Compute dtype through accelerate. `auto`: bf16 on a GPU that supports it, else none."""
     log_every: int = 1
+    """Append metrics to metrics.jsonl every N PPO steps, and after the last one."""
     sample_every: int = 10
     """Every N steps, log a few prompt/response/score rows (to the console and samples.jsonl)."""
     samples_logged: int = 4
+    """How many prompt/response/score rows each `sample_every` log holds."""
     eval_every: int = 20
     """Every N steps (and at the end), greedy responses on the eval prompts, scored."""
     save_every: int = 50
+    """Write a resumable checkpoint every N PPO steps (none after the last step: the final model
+    is written then)."""
     keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep; older ones are deleted."""
 
 
 @dataclass
@@ -290,6 +298,7 @@ class PPOEvalConfig:
     gold_reward: str | None = None
     """`module:function` gold reward, reported beside the learned one and never used in training."""
     max_samples: int | None = 200
+    """Use only the first N eval prompts (None: all of them)."""
 
 
 @dataclass
@@ -375,6 +384,7 @@ class EvalConfig:
     prompt_template: str = "{prompt}"
     """Must be the template the models were trained with."""
     max_prompt_length: int = 256
+    """Prompts longer than this many tokens are left out."""
     max_samples: int | None = None
     """Use only the first N prompts."""
     response_length: int = 32
@@ -392,6 +402,7 @@ class EvalConfig:
     sampled: bool = False
     """Also score one temperature-`kl_temperature` sample per prompt (besides the greedy response)."""
     batch_size: int = 64
+    """Prompts generated for (and validation examples scored) per batch."""
     max_length: int = 512
     """Longest validation example (tokens)."""
 

@@ -47,12 +47,13 @@ def resolve_model_path(path: str) -> str:
     treated as a hub id and left to from_pretrained.
     """
     p = Path(path).expanduser()
+    # Absolute, so a LoRA adapter saved from this model records a base path that loads from anywhere.
     if (p / "model").is_dir():
-        return str(p / "model")
+        return str((p / "model").resolve())
     if p.exists():
         if p.is_dir() and not any((p / n).exists() for n in ("config.json", "adapter_config.json")):
             raise AlignError(f"model path '{path}' holds no model (no config.json or adapter_config.json)")
-        return str(p)
+        return str(p.resolve())
     if path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep in path and not _looks_like_hub_id(path):
         raise AlignError(f"model path '{path}' does not exist")
     return path

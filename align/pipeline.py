@@ -289,7 +289,7 @@ def run_recipe(path: str, overrides: tuple[str, ...] = (), from_stage: str | Non
         from align.compare import compare
 
         report = compare([str(stage_output(plan, "eval"))], str(plan.root / "report"))
-        print(report.get("table", ""), flush=True)
+        print(report["table"]["text"], flush=True)
         print(f"run: report in {plan.root / 'report'} (report.md, report.html)", flush=True)
     print(f"run: all stages complete in {time.time() - t0:.1f}s", flush=True)
     return plan

@@ -27,6 +27,7 @@ import torch
 
 from align import data as D
 from align.config import TrainConfig
+from align.errors import AlignError
 from align.modeling import count_parameters, save_model
 from align.runtime import (Checkpointer, MetricsLogger, RunDir, Throughput, finish_model, load_trainer_state,
                            make_optimizer, make_scheduler, peak_memory_mb, progress, rng_state, set_rng_state,
@@ -72,8 +73,8 @@ def evaluate(stage: Stage, model: Any, items: list[Any], batch_size: int, accele
     """Validation metrics over the whole validation set (each process takes a share, sums are
     reduced), each averaged over items: `val/<stat>`."""
     model.eval()
-    world = accelerator.num_processes
-    mine = D.shard(list(range(len(items))), accelerator.process_index, world) if len(items) >= world else list(range(len(items)))
+    # Strided, not D.shard: every example is evaluated once whatever the process count (sums are reduced).
+    mine = list(range(accelerator.process_index, len(items), accelerator.num_processes))
     sums: dict[str, torch.Tensor] = {}
     count = torch.zeros((), device=accelerator.device)
     for b, start in enumerate(range(0, len(mine), batch_size)):
@@ -97,6 +98,9 @@ def fit(stage: Stage, *, t: TrainConfig, seed: int, run: RunDir, accelerator: An
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     global_batch = t.batch_size * t.grad_accum * world
     n_steps = total_steps(t, len(train_items), global_batch)
+    if t.warmup_steps >= n_steps:
+        raise AlignError(f"config key 'train.warmup_steps' ({t.warmup_steps}) must be shorter than the run "
+                         f"({n_steps} steps of {global_batch} examples)")
     batches_per_epoch = len(train_items) // global_batch
     optimizer = make_optimizer(model.parameters(), t.lr, t.weight_decay, t.adam_betas)
     scheduler = make_scheduler(optimizer, t, n_steps)

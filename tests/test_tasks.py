@@ -130,3 +130,17 @@ def test_registry() -> None:
     assert get_task("addition") is TASKS["addition"] is build
     with pytest.raises(ValueError, match=r"unknown task 'subtraction'; known: addition"):
         get_task("subtraction")
+
+
+def test_reversed_answers_are_written_least_significant_digit_first(tmp_path):
+    from align.tasks.addition import build, gold_reward_reversed
+
+    paths = build(tmp_path, seed=0, n_sft=50, n_pref=20, n_prompts=5, n_eval=10, reverse=True)
+    pairs = [json.loads(line) for line in paths["pref_train"].read_text().splitlines()]
+    for row in pairs:
+        a, b = (int(x) for x in row["prompt"].rstrip("=").split("+"))
+        assert row["chosen"] == str(a + b)[::-1]
+    assert gold_reward_reversed(["57+68="], ["521"]) == [1.0]
+    assert gold_reward_reversed(["57+68="], ["125"]) == [0.0]
+    meta = json.loads((tmp_path / "task.json").read_text())
+    assert meta["reverse"] is True and meta["gold_reward"].endswith("gold_reward_reversed")

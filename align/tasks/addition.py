@@ -12,6 +12,11 @@ coincide, so its expected gold accuracy is `1 - p_forget * P(carry)`.
 
 `build` writes every split as JSONL from one seed, byte-identically for the same arguments, with
 the eval problems disjoint from every training split.
+
+With `reverse=True` every answer is written least-significant digit first (57+68= -> "521"):
+each output digit then depends only on its column and the carry just written, which lets a
+model of a million parameters learn the algorithm in a minute on a CPU (Lee et al. 2023,
+"Teaching Arithmetic to Small Transformers"). `gold_reward_reversed` scores that format.
 """
 
 from __future__ import annotations
@@ -64,6 +69,11 @@ def forget_carry(a: int, b: int) -> str:
     return str(total)
 
 
+def _written(answer: str, reverse: bool) -> str:
+    """An answer as the task writes it: as is, or least-significant digit first."""
+    return answer[::-1] if reverse else answer
+
+
 def prompt(a: int, b: int) -> str:
     """The prompt text of a problem."""
     return f"{a}+{b}="
@@ -76,6 +86,15 @@ def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
     problem (or few-shot examples before it) still parses. For evaluation only: training never
     sees this function.
     """
+    return _gold(prompts, responses, reverse=False)
+
+
+def gold_reward_reversed(prompts: list[str], responses: list[str]) -> list[float]:
+    """`gold_reward` for answers written least-significant digit first (`build(reverse=True)`)."""
+    return _gold(prompts, responses, reverse=True)
+
+
+def _gold(prompts: list[str], responses: list[str], reverse: bool) -> list[float]:
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     rewards = []
@@ -84,7 +103,7 @@ def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
         if not matches:
             raise ValueError(f"prompt {i} has no 'a+b=' problem: {text!r}")
         a, b = (int(x) for x in matches[-1])
-        rewards.append(1.0 if response.strip() == correct(a, b) else 0.0)
+        rewards.append(1.0 if response.strip() == _written(correct(a, b), reverse) else 0.0)
     return rewards
 
 
@@ -143,6 +162,7 @@ def build(
     n_prompts: int = 2000,
     n_eval: int = 200,
     p_forget: float = 0.6,
+    reverse: bool = False,
 ) -> dict[str, Path]:
     """Generate every split of the task into `out_dir` and return their paths.
 
@@ -204,13 +224,15 @@ def build(
         pairs = _draw_pairs(rng, n, n_digits, train_ok)
         forgets = (rng.random(n) < p_forget).tolist()
         return [
-            {"prompt": prompt(a, b), "response": forget_carry(a, b) if f else correct(a, b)}
+            {"prompt": prompt(a, b),
+             "response": _written(forget_carry(a, b) if f else correct(a, b), reverse)}
             for (a, b), f in zip(pairs, forgets)
         ]
 
     def pref_rows(rng: np.random.Generator, n: int) -> list[dict[str, str]]:
         return [
-            {"prompt": prompt(a, b), "chosen": correct(a, b), "rejected": forget_carry(a, b)}
+            {"prompt": prompt(a, b), "chosen": _written(correct(a, b), reverse),
+             "rejected": _written(forget_carry(a, b), reverse)}
             for a, b in _draw_pairs(rng, n, n_digits, pref_ok)
         ]
 
@@ -223,7 +245,7 @@ def build(
             {"prompt": prompt(a, b)}
             for a, b in _draw_pairs(prompts_rng, n_prompts, n_digits, train_ok)
         ],
-        "eval": [{"prompt": prompt(a, b), "answer": correct(a, b)} for a, b in eval_pairs],
+        "eval": [{"prompt": prompt(a, b), "answer": _written(correct(a, b), reverse)} for a, b in eval_pairs],
     }
     paths = {}
     for name, rows in splits.items():
@@ -231,12 +253,14 @@ def build(
         _write_jsonl(paths[name], rows)
 
     sft = splits["sft_train"]
-    gold = gold_reward([r["prompt"] for r in sft], [r["response"] for r in sft])
+    gold = _gold([r["prompt"] for r in sft], [r["response"] for r in sft], reverse)
     meta = {
         "task": "addition",
         "seed": seed,
         "n_digits": n_digits,
         "p_forget": p_forget,
+        "reverse": reverse,
+        "gold_reward": f"align.tasks.addition:{'gold_reward_reversed' if reverse else 'gold_reward'}",
         **sizes,
         "counts": {name: len(rows) for name, rows in splits.items()},
         "demonstrator_gold_accuracy": sum(gold) / len(gold) if gold else None,
