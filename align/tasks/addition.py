@@ -13,10 +13,12 @@ coincide, so its expected gold accuracy is `1 - p_forget * P(carry)`.
 `build` writes every split as JSONL from one seed, byte-identically for the same arguments, with
 the eval problems disjoint from every training split.
 
-With `reverse=True` every answer is written least-significant digit first (57+68= -> "521"):
-each output digit then depends only on its column and the carry just written, which lets a
-model of a million parameters learn the algorithm in a minute on a CPU (Lee et al. 2023,
-"Teaching Arithmetic to Small Transformers"). `gold_reward_reversed` scores that format.
+Two formats make the algorithm learnable by a tiny model in CPU minutes (Lee et al. 2023,
+"Teaching Arithmetic to Small Transformers"): `pad=True` writes operands with `n_digits` digits
+and answers with `n_digits + 1` (07+68=075), so every digit sits at a fixed position; and
+`reverse=True` writes answers least-significant digit first (57+68= -> "521"), so each output
+digit depends only on its column and the carry just written. `gold_reward_reversed` scores
+reversed answers; `gold_reward` compares numbers, so zero padding never changes a score.
 """
 
 from __future__ import annotations
@@ -69,14 +71,16 @@ def forget_carry(a: int, b: int) -> str:
     return str(total)
 
 
-def _written(answer: str, reverse: bool) -> str:
-    """An answer as the task writes it: as is, or least-significant digit first."""
+def _written(answer: str, reverse: bool, width: int = 0) -> str:
+    """An answer as the task writes it: zero-padded to `width`, then as is or least-significant
+    digit first."""
+    answer = answer.zfill(width)
     return answer[::-1] if reverse else answer
 
 
-def prompt(a: int, b: int) -> str:
-    """The prompt text of a problem."""
-    return f"{a}+{b}="
+def prompt(a: int, b: int, width: int = 0) -> str:
+    """The prompt text of a problem, operands zero-padded to `width` digits."""
+    return f"{a:0{width}d}+{b:0{width}d}=" if width else f"{a}+{b}="
 
 
 def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
@@ -103,7 +107,10 @@ def _gold(prompts: list[str], responses: list[str], reverse: bool) -> list[float
         if not matches:
             raise ValueError(f"prompt {i} has no 'a+b=' problem: {text!r}")
         a, b = (int(x) for x in matches[-1])
-        rewards.append(1.0 if response.strip() == _written(correct(a, b), reverse) else 0.0)
+        answer = response.strip()
+        if reverse:
+            answer = answer[::-1]
+        rewards.append(1.0 if answer.isdigit() and int(answer) == a + b else 0.0)
     return rewards
 
 
@@ -163,6 +170,7 @@ def build(
     n_eval: int = 200,
     p_forget: float = 0.6,
     reverse: bool = False,
+    pad: bool = False,
 ) -> dict[str, Path]:
     """Generate every split of the task into `out_dir` and return their paths.
 
@@ -217,6 +225,11 @@ def build(
     if n_pref > 0 and n_pairs - 55**n_digits == eval_carries:
         raise ValueError("n_eval uses every carry problem; none is left for preference pairs")
 
+    width, answer_width = (n_digits, n_digits + 1) if pad else (0, 0)
+
+    def write(answer: str) -> str:
+        return _written(answer, reverse, answer_width)
+
     def n_val(n: int) -> int:
         return max(1, n // 10) if n > 0 else 0
 
@@ -224,15 +237,13 @@ def build(
         pairs = _draw_pairs(rng, n, n_digits, train_ok)
         forgets = (rng.random(n) < p_forget).tolist()
         return [
-            {"prompt": prompt(a, b),
-             "response": _written(forget_carry(a, b) if f else correct(a, b), reverse)}
+            {"prompt": prompt(a, b, width), "response": write(forget_carry(a, b) if f else correct(a, b))}
             for (a, b), f in zip(pairs, forgets)
         ]
 
     def pref_rows(rng: np.random.Generator, n: int) -> list[dict[str, str]]:
         return [
-            {"prompt": prompt(a, b), "chosen": _written(correct(a, b), reverse),
-             "rejected": _written(forget_carry(a, b), reverse)}
+            {"prompt": prompt(a, b, width), "chosen": write(correct(a, b)), "rejected": write(forget_carry(a, b))}
             for a, b in _draw_pairs(rng, n, n_digits, pref_ok)
         ]
 
@@ -242,10 +253,10 @@ def build(
         "pref_train": pref_rows(pref_rng, n_pref),
         "pref_val": pref_rows(pref_val_rng, n_val(n_pref)),
         "prompts": [
-            {"prompt": prompt(a, b)}
+            {"prompt": prompt(a, b, width)}
             for a, b in _draw_pairs(prompts_rng, n_prompts, n_digits, train_ok)
         ],
-        "eval": [{"prompt": prompt(a, b), "answer": _written(correct(a, b), reverse)} for a, b in eval_pairs],
+        "eval": [{"prompt": prompt(a, b, width), "answer": write(correct(a, b))} for a, b in eval_pairs],
     }
     paths = {}
     for name, rows in splits.items():
@@ -260,6 +271,7 @@ def build(
         "n_digits": n_digits,
         "p_forget": p_forget,
         "reverse": reverse,
+        "pad": pad,
         "gold_reward": f"align.tasks.addition:{'gold_reward_reversed' if reverse else 'gold_reward'}",
         **sizes,
         "counts": {name: len(rows) for name, rows in splits.items()},
