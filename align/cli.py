@@ -23,7 +23,9 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except AlignError as e:
-            click.echo(f"error: {e}", err=True)
+            from align.runtime import Stopped
+
+            click.echo(str(e) if isinstance(e, Stopped) else f"error: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -46,6 +48,7 @@ def end_process_group() -> None:
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                           help="Override a config key (dotted for nested sections), e.g. --set train.lr=1e-4.")
 resume_option = click.option("--resume", is_flag=True, help="Continue an interrupted run from its latest checkpoint.")
+force_option = click.option("--force", is_flag=True, help="With --resume: resume even though the config changed.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,14 +86,15 @@ def init_model_cmd(out_dir: str, hidden: int, layers: int, heads: int, max_posit
 @click.argument("config", type=click.Path(dir_okay=False), required=False)
 @set_option
 @resume_option
+@force_option
 @user_errors
-def sft_cmd(config: str | None, overrides: tuple[str, ...], resume: bool) -> None:
+def sft_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool) -> None:
     """Supervised fine-tuning (masked NLL on response tokens) from a YAML CONFIG."""
     from align.config import SFTConfig, load_config
     from align.sft import train_sft
 
     cfg = load_config(SFTConfig, config, overrides)
-    summary = train_sft(cfg, resume=resume)
+    summary = train_sft(cfg, resume=resume, force=force)
     click.echo(_summary_line("sft", cfg.output_dir, summary))
 
 
@@ -98,14 +102,15 @@ def sft_cmd(config: str | None, overrides: tuple[str, ...], resume: bool) -> Non
 @click.argument("config", type=click.Path(dir_okay=False), required=False)
 @set_option
 @resume_option
+@force_option
 @user_errors
-def rm_cmd(config: str | None, overrides: tuple[str, ...], resume: bool) -> None:
+def rm_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool) -> None:
     """Train a reward model on preference pairs (Bradley-Terry) from a YAML CONFIG."""
     from align.config import RMConfig, load_config
     from align.rm import train_rm
 
     cfg = load_config(RMConfig, config, overrides)
-    summary = train_rm(cfg, resume=resume)
+    summary = train_rm(cfg, resume=resume, force=force)
     click.echo(_summary_line("rm", cfg.output_dir, summary))
 
 
@@ -113,14 +118,15 @@ def rm_cmd(config: str | None, overrides: tuple[str, ...], resume: bool) -> None
 @click.argument("config", type=click.Path(dir_okay=False), required=False)
 @set_option
 @resume_option
+@force_option
 @user_errors
-def ppo_cmd(config: str | None, overrides: tuple[str, ...], resume: bool) -> None:
+def ppo_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool) -> None:
     """RLHF with PPO from an SFT model and a reward model or function, from a YAML CONFIG."""
     from align.config import PPOConfig, load_config
     from align.ppo import train_ppo
 
     cfg = load_config(PPOConfig, config, overrides)
-    summary = train_ppo(cfg, resume=resume)
+    summary = train_ppo(cfg, resume=resume, force=force)
     click.echo(_summary_line("ppo", cfg.output_dir, summary))
 
 

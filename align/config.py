@@ -133,6 +133,8 @@ class TrainConfig:
     """How many of the newest checkpoints to keep; older ones are deleted."""
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without a new best validation loss."""
+    max_nonfinite_steps: int = 3
+    """A step with a non-finite loss or gradient is skipped; this many in a row stop the run."""
     max_eval_batches: int | None = None
     """Cap on validation batches per evaluation (None: the whole validation set)."""
 
@@ -287,6 +289,17 @@ class PPOLoopConfig:
     is written then)."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep; older ones are deleted."""
+    max_nonfinite_steps: int = 3
+    """An update with a non-finite loss or gradient is skipped; this many steps in a row stop the run."""
+    warn_kl: float = 20.0
+    """Warn (and flag `guard/kl_high` in the metrics) when objective/kl exceeds this."""
+    warn_clipfrac: float = 0.4
+    """Warn (`guard/clipfrac_high`) when policy/clipfrac_avg exceeds this: updates too large."""
+    warn_value_loss: float = 100.0
+    """Warn (`guard/value_loss_high`) when loss/value_avg exceeds this: the critic is lost."""
+    warn_length_ratio: float = 3.0
+    """Warn (`guard/length_drift`) when the mean response length falls below 1/ratio or rises
+    above ratio times the first step's: a common sign of reward hacking."""
 
 
 @dataclass
@@ -358,6 +371,8 @@ class PPOConfig:
             ("ppo.save_every", p.save_every >= 1, "must be >= 1"),
             ("ppo.keep_checkpoints", p.keep_checkpoints >= 1, "must be >= 1"),
             ("reward.clip", self.reward.clip is None or self.reward.clip > 0, "must be > 0"),
+            ("ppo.max_nonfinite_steps", p.max_nonfinite_steps >= 1, "must be >= 1"),
+            ("ppo.warn_length_ratio", p.warn_length_ratio > 1, "must be > 1"),
         ]
         for key, ok, why in checks:
             if not ok:
@@ -446,6 +461,7 @@ def validate_common(cfg: Any) -> None:
             ("train.log_every", t.log_every >= 1, "must be >= 1"),
             ("train.save_every", t.save_every >= 1, "must be >= 1"),
             ("train.keep_checkpoints", t.keep_checkpoints >= 1, "must be >= 1"),
+            ("train.max_nonfinite_steps", t.max_nonfinite_steps >= 1, "must be >= 1"),
             ("train.early_stopping_patience",
              t.early_stopping_patience is None or t.early_stopping_patience >= 1, "must be >= 1"),
         ]

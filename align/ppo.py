@@ -28,9 +28,9 @@ from align.modeling import count_parameters, load_tokenizer, save_model
 from align.ops import entropy_from_logits, masked_mean, masked_whiten
 from align.rl import (AdaptiveKLController, FixedKLController, gae, kl_estimate, per_token_rewards, policy_loss,
                       value_loss)
-from align.runtime import (Checkpointer, MetricsLogger, finish_model, linear_decay, load_trainer_state,
-                           make_accelerator, make_optimizer, peak_memory_mb, prepare_run_dir, progress, rng_state,
-                           set_rng_state, set_seed, write_summary)
+from align.runtime import (Checkpointer, MetricsLogger, NonFiniteGuard, StopRequest, Stopped, finish_model,
+                           linear_decay, load_trainer_state, make_accelerator, make_optimizer, peak_memory_mb,
+                           prepare_run_dir, progress, rng_state, set_rng_state, set_seed, write_summary)
 
 
 @torch.no_grad()
@@ -56,14 +56,27 @@ def evaluate(bundle: ModelBundle, actor: Any, tokenizer: Any, prompts: list[D.Pr
     return out
 
 
-def train_ppo(cfg: PPOConfig, resume: bool = False) -> dict[str, Any]:
+def drift_warnings(metrics: dict[str, float], first_length: float, p: Any) -> dict[str, bool]:
+    """Flags for the usual signs of a run going wrong: KL or clip fraction or value error too
+    high, or the response length collapsing or exploding (reward hacking)."""
+    length = metrics["response_length"]
+    return {
+        "guard/kl_high": metrics["objective/kl"] > p.warn_kl,
+        "guard/clipfrac_high": metrics["policy/clipfrac_avg"] > p.warn_clipfrac,
+        "guard/value_loss_high": metrics["loss/value_avg"] > p.warn_value_loss,
+        "guard/length_drift": first_length > 0 and not (first_length / p.warn_length_ratio <= length
+                                                        <= first_length * p.warn_length_ratio),
+    }
+
+
+def train_ppo(cfg: PPOConfig, resume: bool = False, force: bool = False) -> dict[str, Any]:
     t_start = time.time()
     p = cfg.ppo
     accelerator = make_accelerator(p.mixed_precision)
     is_main, rank, world, device = (accelerator.is_main_process, accelerator.process_index,
                                     accelerator.num_processes, accelerator.device)
     set_seed(cfg.seed)
-    run = prepare_run_dir(cfg.output_dir, cfg, resume, is_main)
+    run = prepare_run_dir(cfg.output_dir, cfg, resume, is_main, force)
 
     # ---- data, the four models, optimizers
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
@@ -85,7 +98,8 @@ def train_ppo(cfg: PPOConfig, resume: bool = False) -> dict[str, Any]:
     kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target is not None
               else FixedKLController(p.kl_coef))
 
-    state = {"step": 0, "episode": 0, "epoch": 0, "batch_in_epoch": 0, "train_time": 0.0, "tokens_seen": 0}
+    state = {"step": 0, "episode": 0, "epoch": 0, "batch_in_epoch": 0, "train_time": 0.0, "tokens_seen": 0,
+             "first_response_length": 0.0}
     if ckpt is not None:
         saved = load_trainer_state(ckpt)
         for obj, key in ((actor_opt, "actor_opt"), (critic_opt, "critic_opt"), (actor_sched, "actor_sched"),
@@ -114,6 +128,9 @@ def train_ppo(cfg: PPOConfig, resume: bool = False) -> dict[str, Any]:
     for _ in range(state["batch_in_epoch"]):
         next(batches)
     bar = progress(n_steps, state["step"], "ppo", is_main)
+    guard = NonFiniteGuard(p.max_nonfinite_steps)
+    stop_request = StopRequest().__enter__()
+    warned: dict[str, bool] = {}
     last_eval: dict[str, float] = {}
     t_loop = time.time() - state["train_time"]
     while state["step"] < n_steps:
@@ -156,6 +173,7 @@ def train_ppo(cfg: PPOConfig, resume: bool = False) -> dict[str, Any]:
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in (
             "approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio", "ratio_var")}
         B = rollout.response_ids.shape[0]
+        skipped = 0
         for _ in range(p.ppo_epochs):
             order = torch.randperm(B, device=device)
             for start in range(0, B, p.mini_batch_size):
@@ -183,15 +201,22 @@ def train_ppo(cfg: PPOConfig, resume: bool = False) -> dict[str, Any]:
                                  ("pg_loss", pg_loss), ("vf_loss", vf_loss), ("vf_clipfrac", vf_stats["clipfrac"]),
                                  ("entropy", entropy), ("ratio", pg_stats["ratio"]), ("ratio_var", pg_stats["ratio_var"])):
                         stats[k].append(v.detach())
-                accelerator.clip_grad_norm_(actor.parameters(), p.max_grad_norm)
-                accelerator.clip_grad_norm_(critic.parameters(), p.max_grad_norm)
-                actor_opt.step()
-                critic_opt.step()
+                actor_norm = accelerator.clip_grad_norm_(actor.parameters(), p.max_grad_norm)
+                critic_norm = accelerator.clip_grad_norm_(critic.parameters(), p.max_grad_norm)
+                # A non-finite loss or gradient: skip this update rather than poison the weights.
+                if torch.isfinite(actor_norm) and torch.isfinite(critic_norm) and torch.isfinite(loss):
+                    actor_opt.step()
+                    critic_opt.step()
+                else:
+                    skipped += 1
                 actor_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
         actor_sched.step()
         critic_sched.step()
         t_update = time.time() - t1
+        if not guard.check(float("nan") if skipped else 0.0) and is_main:
+            bar.write(f"ppo: step {state['step'] + 1}: {skipped} update(s) with a non-finite loss or gradient skipped "
+                      f"({guard.in_a_row} step(s) in a row)")
 
         # ---- bookkeeping: KL controller, counters, metrics (named as TRL's, to compare curves)
         mean_kl = accelerator.reduce(kl.sum(1).mean(), "mean")
@@ -225,7 +250,18 @@ def train_ppo(cfg: PPOConfig, resume: bool = False) -> dict[str, Any]:
                 "episodes_per_sec": global_batch / step_time,
                 "tokens_per_sec": step_tokens / step_time,
                 "time/rollout": t_rollout, "time/update": t_update, "peak_memory_mb": peak_memory_mb(),
+                "guard/nonfinite_steps": guard.total,
             }
+            if not state["first_response_length"]:
+                state["first_response_length"] = metrics["response_length"]
+            flags = drift_warnings(metrics, state["first_response_length"], p)
+            metrics.update({k: float(v) for k, v in flags.items()})
+            for k, v in flags.items():
+                if v and not warned.get(k) and is_main:
+                    bar.write(f"ppo: warning at step {state['step']}: {k.split('/')[1].replace('_', ' ')} "
+                              f"(kl {metrics['objective/kl']:.3g}, clipfrac {metrics['policy/clipfrac_avg']:.3g}, "
+                              f"value loss {metrics['loss/value_avg']:.3g}, length {metrics['response_length']:.3g})")
+                warned[k] = v
             logger.log(state["step"], metrics)
             bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if is_main and (state["step"] % p.sample_every == 0 or state["step"] == 1):
@@ -241,14 +277,21 @@ def train_ppo(cfg: PPOConfig, resume: bool = False) -> dict[str, Any]:
                 logger.log(state["step"], last_eval)
             accelerator.wait_for_everyone()
         state["train_time"] = time.time() - t_loop
-        if state["step"] % p.save_every == 0 and state["step"] < n_steps:
+        stopping = stop_request.should_stop(accelerator) and state["step"] < n_steps
+        if (state["step"] % p.save_every == 0 and state["step"] < n_steps) or stopping:
             if is_main:
                 checkpointer.save(state["step"], write_models, {
                     "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
                     "actor_sched": actor_sched.state_dict(), "critic_sched": critic_sched.state_dict(),
                     "kl_ctl": kl_ctl.state_dict(), "rng": rng_state(), "state": state})
             accelerator.wait_for_everyone()
+        if stopping:
+            bar.close()
+            stop_request.__exit__()
+            raise Stopped(f"ppo: stopped at step {state['step']} of {n_steps}; checkpoint saved in "
+                          f"{run.checkpoints}, continue with --resume")
     bar.close()
+    stop_request.__exit__()
 
     # ---- the final actor, then the summary that marks the run complete
     if is_main:

@@ -78,10 +78,10 @@ def normalization_bias(model: ScoreModel, cfg: RMConfig, tokenizer: Any, device:
     return total / len(examples)
 
 
-def train_rm(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
+def train_rm(cfg: RMConfig, resume: bool = False, force: bool = False) -> dict[str, Any]:
     accelerator = make_accelerator(cfg.train.mixed_precision)
     set_seed(cfg.seed)
-    run = prepare_run_dir(cfg.output_dir, cfg, resume, accelerator.is_main_process)
+    run = prepare_run_dir(cfg.output_dir, cfg, resume, accelerator.is_main_process, force)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     train, val, report = load_pairs(cfg, tokenizer)
     if cfg.normalize_with and not Path(cfg.normalize_with).is_file():

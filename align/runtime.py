@@ -21,7 +21,9 @@ import os
 import random
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,10 +161,12 @@ class RunDir:
         return path if (path / "trainer_state.pt").is_file() else None
 
 
-def prepare_run_dir(output_dir: str, cfg: Any, resume: bool, is_main: bool) -> RunDir:
+def prepare_run_dir(output_dir: str, cfg: Any, resume: bool, is_main: bool, force: bool = False) -> RunDir:
     """Check the output directory before any compute and write the resolved config.
 
-    A finished run is never overwritten, and an interrupted one only continues with `--resume`.
+    A finished run is never overwritten, and an interrupted one only continues with `--resume`,
+    with the config it started with (unless `force`): a resumed run must be the run that would
+    have happened.
     """
     run = RunDir(Path(output_dir).expanduser())
     if run.is_complete():
@@ -170,6 +174,15 @@ def prepare_run_dir(output_dir: str, cfg: Any, resume: bool, is_main: bool) -> R
     if not resume and run.latest_checkpoint() is not None:
         raise AlignError(f"output_dir '{run.root}' holds checkpoints of an interrupted run; pass --resume to continue it "
                          "or choose another directory")
+    if resume and run.latest_checkpoint() is not None and run.config.is_file() and not force:
+        import yaml
+
+        old = yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
+        # A run directory may have been moved: where it lives is not part of what it computes.
+        changed = [c for c in config_changes(old, to_dict(cfg)) if not c.startswith("output_dir:")]
+        if changed:
+            raise AlignError(f"cannot resume '{run.root}' with a changed config ({'; '.join(changed[:5])}); "
+                             "pass --force to resume anyway")
     if is_main:
         try:
             run.root.mkdir(parents=True, exist_ok=True)
@@ -330,5 +343,78 @@ class Throughput:
         return out
 
 
-def config_fingerprint(cfg: Any) -> dict[str, Any]:
-    return to_dict(cfg)
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """`key: old -> new` for every dotted key whose value differs between two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag instead of killing the process; the training loops check it at
+    each step boundary, write a checkpoint and stop, so the run can be resumed. A second signal
+    gets the default behaviour (stop at once)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # asked twice: stop now
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            os.kill(os.getpid(), signum)
+            return
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def should_stop(self, accelerator: Any) -> bool:
+        """True on every process once any process was asked to stop."""
+        import torch as _torch
+
+        flag = _torch.tensor(float(self.requested), device=accelerator.device)
+        return bool(accelerator.reduce(flag, "max").item())
+
+
+class Stopped(AlignError):
+    """The run stopped on request after saving a checkpoint."""
+
+    exit_code = 130
+
+
+class NonFiniteGuard:
+    """Counts consecutive steps whose loss or gradient norm is not finite. Such a step's update is
+    skipped; after `limit` of them in a row the run stops, since the model has diverged."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_a_row = 0
+        self.total = 0
+
+    def check(self, *values: Any) -> bool:
+        """True when every value is finite (the update may proceed)."""
+        finite = all(math.isfinite(float(v)) for v in values)
+        if finite:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.limit:
+            raise AlignError(f"stopping: {self.in_a_row} steps in a row with a non-finite loss or gradient "
+                             "(lower the learning rate, or check the data and the reward)")
+        return False

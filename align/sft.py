@@ -56,12 +56,12 @@ def with_perplexity(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {**metrics, f"{prefix}/perplexity": math.exp(min(metrics[f"{prefix}/loss"], 50.0))}
 
 
-def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
+def train_sft(cfg: SFTConfig, resume: bool = False, force: bool = False) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     accelerator = make_accelerator(cfg.train.mixed_precision)
     set_seed(cfg.seed)
-    run = prepare_run_dir(cfg.output_dir, cfg, resume, accelerator.is_main_process)
+    run = prepare_run_dir(cfg.output_dir, cfg, resume, accelerator.is_main_process, force)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     train, val, report = load_sft_examples(cfg, tokenizer)
 

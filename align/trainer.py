@@ -29,9 +29,9 @@ from align import data as D
 from align.config import TrainConfig
 from align.errors import AlignError
 from align.modeling import count_parameters, save_model
-from align.runtime import (Checkpointer, MetricsLogger, RunDir, Throughput, finish_model, load_trainer_state,
-                           make_optimizer, make_scheduler, peak_memory_mb, progress, rng_state, set_rng_state,
-                           write_summary)
+from align.runtime import (Checkpointer, MetricsLogger, NonFiniteGuard, RunDir, StopRequest, Stopped, Throughput,
+                           finish_model, load_trainer_state, make_optimizer, make_scheduler, peak_memory_mb, progress,
+                           rng_state, set_rng_state, write_summary)
 
 Terms = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -140,6 +140,8 @@ def fit(stage: Stage, *, t: TrainConfig, seed: int, run: RunDir, accelerator: An
         next(batches)
 
     model.train()
+    guard = NonFiniteGuard(t.max_nonfinite_steps)
+    stop_request = StopRequest().__enter__()
     bar = progress(n_steps, state["step"], stage.name, is_main)
     window_sums: dict[str, torch.Tensor] = {}
     window_count = torch.zeros((), device=accelerator.device)
@@ -153,16 +155,28 @@ def fit(stage: Stage, *, t: TrainConfig, seed: int, run: RunDir, accelerator: An
                  for s in range(0, len(mine), t.batch_size)]
         # The global batch's item count: every micro-batch's loss sum is divided by it.
         n_items = accelerator.reduce(sum(stage.count(mb) for mb in micro), "sum")
+        step_loss = torch.zeros((), device=accelerator.device)
+        step_window: dict[str, torch.Tensor] = {}
+        step_count = torch.zeros((), device=accelerator.device)
         for j, mb in enumerate(micro):
             sync = j == len(micro) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 loss_sum, n, stats = stage.terms(model, mb)
                 accelerator.backward(loss_sum * world / n_items)
-            window_count += n.detach()
+            step_loss += loss_sum.detach()
+            step_count += n.detach()
             for k, v in stats.items():
-                window_sums[k] = window_sums.get(k, 0) + v.detach().float()
+                step_window[k] = step_window.get(k, 0) + v.detach().float()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-        optimizer.step()
+        # A non-finite loss or gradient: skip this update (the batch is still consumed).
+        if guard.check(accelerator.reduce(step_loss, "sum"), grad_norm):
+            optimizer.step()
+            window_count += step_count
+            for k, v in step_window.items():
+                window_sums[k] = window_sums.get(k, 0) + v
+        elif is_main:
+            bar.write(f"{stage.name}: step {state['step'] + 1}: non-finite loss or gradient, update skipped "
+                      f"({guard.in_a_row} in a row)")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
@@ -175,7 +189,8 @@ def fit(stage: Stage, *, t: TrainConfig, seed: int, run: RunDir, accelerator: An
         if state["step"] % t.log_every == 0 or state["step"] == n_steps:
             sums = {k: accelerator.reduce(v, "sum") for k, v in window_sums.items()}
             metrics = stage.derive(_averages(sums, accelerator.reduce(window_count, "sum"), "train"), "train")
-            metrics.update({"train/grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+            metrics.update({"train/grad_norm": float(grad_norm), "train/nonfinite_steps": guard.total,
+                            "lr": scheduler.get_last_lr()[0],
                             "epoch": state["step"] * global_batch / len(train_items), **speed.rates(),
                             "peak_memory_mb": peak_memory_mb()})
             logger.log(state["step"], metrics)
@@ -196,11 +211,18 @@ def fit(stage: Stage, *, t: TrainConfig, seed: int, run: RunDir, accelerator: An
                     print(f"{stage.name}: early stop at step {state['step']}: validation loss has not improved for "
                           f"{state['evals_without_gain']} evaluations (best {state['best_val_loss']:.4f})", flush=True)
         state["train_time"] = time.time() - t_loop
+        if stop_request.should_stop(accelerator) and state["step"] < n_steps:
+            write_checkpoint()
+            bar.close()
+            stop_request.__exit__()
+            raise Stopped(f"{stage.name}: stopped at step {state['step']} of {n_steps}; checkpoint saved in "
+                          f"{run.checkpoints}, continue with --resume")
         if state["step"] % t.save_every == 0 and state["step"] < n_steps and not stop:
             write_checkpoint()
         if stop:
             break
     bar.close()
+    stop_request.__exit__()
 
     # The final model, then the summary that marks the run complete.
     def write_final(path: Path) -> None:
