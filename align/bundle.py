@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +46,22 @@ def response_logits(model: Any, rollout_ids: torch.Tensor, attention_mask: torch
 
     The logit at position t predicts token t+1, so response token j (at P+j) is predicted at
     P+j-1. Dividing by the sampling temperature makes the scored distribution the sampled one.
+    Where the model supports it (`logits_to_keep`, most causal LMs in transformers), only those
+    R + 1 positions go through the output head: with a real vocabulary the (B, P+R, V) logits of
+    the prompt are most of the head's compute and of the peak memory (docs/performance.md).
     """
+    kwargs = {"logits_to_keep": rollout_ids.shape[1] - prompt_width + 1} if _keeps_logits(model) else {}
     out = model(input_ids=rollout_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                use_cache=False)
-    return out.logits[:, prompt_width - 1:-1].float() / temperature
+                use_cache=False, **kwargs)
+    logits = out.logits if kwargs else out.logits[:, prompt_width - 1:]
+    return logits[:, :-1].float() / temperature
+
+
+def _keeps_logits(model: Any) -> bool:
+    """Whether the causal LM under any DDP or peft wrapper takes `logits_to_keep`."""
+    base = getattr(model, "module", model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def load_reward_function(spec: str, key: str) -> RewardFn:

@@ -23,8 +23,9 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except AlignError as e:
-            from align.runtime import Stopped
+            from align.runtime import Stopped, release_run
 
+            release_run()
             click.echo(str(e) if isinstance(e, Stopped) else f"error: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
@@ -49,6 +50,9 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
                           help="Override a config key (dotted for nested sections), e.g. --set train.lr=1e-4.")
 resume_option = click.option("--resume", is_flag=True, help="Continue an interrupted run from its latest checkpoint.")
 force_option = click.option("--force", is_flag=True, help="With --resume: resume even though the config changed.")
+dry_run_option = click.option("--dry-run", is_flag=True,
+                              help="Check the config, every data line and the model paths, print the plan; "
+                                   "train nothing, write nothing.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -87,15 +91,16 @@ def init_model_cmd(out_dir: str, hidden: int, layers: int, heads: int, max_posit
 @set_option
 @resume_option
 @force_option
+@dry_run_option
 @user_errors
-def sft_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool) -> None:
+def sft_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool, dry_run: bool) -> None:
     """Supervised fine-tuning (masked NLL on response tokens) from a YAML CONFIG."""
     from align.config import SFTConfig, load_config
     from align.sft import train_sft
 
     cfg = load_config(SFTConfig, config, overrides)
-    summary = train_sft(cfg, resume=resume, force=force)
-    click.echo(_summary_line("sft", cfg.output_dir, summary))
+    summary = train_sft(cfg, resume=resume, force=force, dry_run=dry_run)
+    click.echo(plan_text(summary) if dry_run else _summary_line("sft", cfg.output_dir, summary))
 
 
 @main.command("rm")
@@ -103,15 +108,16 @@ def sft_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force:
 @set_option
 @resume_option
 @force_option
+@dry_run_option
 @user_errors
-def rm_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool) -> None:
+def rm_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool, dry_run: bool) -> None:
     """Train a reward model on preference pairs (Bradley-Terry) from a YAML CONFIG."""
     from align.config import RMConfig, load_config
     from align.rm import train_rm
 
     cfg = load_config(RMConfig, config, overrides)
-    summary = train_rm(cfg, resume=resume, force=force)
-    click.echo(_summary_line("rm", cfg.output_dir, summary))
+    summary = train_rm(cfg, resume=resume, force=force, dry_run=dry_run)
+    click.echo(plan_text(summary) if dry_run else _summary_line("rm", cfg.output_dir, summary))
 
 
 @main.command("ppo")
@@ -119,15 +125,67 @@ def rm_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force: 
 @set_option
 @resume_option
 @force_option
+@dry_run_option
 @user_errors
-def ppo_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool) -> None:
+def ppo_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool, dry_run: bool) -> None:
     """RLHF with PPO from an SFT model and a reward model or function, from a YAML CONFIG."""
     from align.config import PPOConfig, load_config
     from align.ppo import train_ppo
 
     cfg = load_config(PPOConfig, config, overrides)
-    summary = train_ppo(cfg, resume=resume, force=force)
-    click.echo(_summary_line("ppo", cfg.output_dir, summary))
+    summary = train_ppo(cfg, resume=resume, force=force, dry_run=dry_run)
+    click.echo(plan_text(summary) if dry_run else _summary_line("ppo", cfg.output_dir, summary))
+
+
+@main.command("dpo")
+@click.argument("config", type=click.Path(dir_okay=False), required=False)
+@set_option
+@resume_option
+@force_option
+@dry_run_option
+@user_errors
+def dpo_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool, dry_run: bool) -> None:
+    """DPO (TRL's DPOTrainer) from an SFT model on preference pairs, from a YAML CONFIG."""
+    from align.config import DPOStageConfig, load_config
+    from align.dpo import train_dpo
+
+    cfg = load_config(DPOStageConfig, config, overrides)
+    summary = train_dpo(cfg, resume=resume, force=force, dry_run=dry_run)
+    click.echo(plan_text(summary) if dry_run else _summary_line("dpo", cfg.output_dir, summary))
+
+
+@main.command("grpo")
+@click.argument("config", type=click.Path(dir_okay=False), required=False)
+@set_option
+@resume_option
+@force_option
+@dry_run_option
+@user_errors
+def grpo_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool, dry_run: bool) -> None:
+    """GRPO (TRL's GRPOTrainer) from an SFT model with PPO's prompts and reward, from a YAML CONFIG."""
+    from align.config import GRPOStageConfig, load_config
+    from align.grpo import train_grpo
+
+    cfg = load_config(GRPOStageConfig, config, overrides)
+    summary = train_grpo(cfg, resume=resume, force=force, dry_run=dry_run)
+    click.echo(plan_text(summary) if dry_run else _summary_line("grpo", cfg.output_dir, summary))
+
+
+@main.command("rloo")
+@click.argument("config", type=click.Path(dir_okay=False), required=False)
+@set_option
+@resume_option
+@force_option
+@dry_run_option
+@user_errors
+def rloo_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool, dry_run: bool) -> None:
+    """RLOO (TRL's RLOOTrainer) from an SFT model with PPO's prompts and reward, from a YAML CONFIG."""
+    from align.config import RLOOStageConfig, load_config
+    from align.rloo import train_rloo
+
+    cfg = load_config(RLOOStageConfig, config, overrides)
+    summary = train_rloo(cfg, resume=resume, force=force, dry_run=dry_run)
+    click.echo(plan_text(summary) if dry_run else _summary_line("rloo", cfg.output_dir, summary))
 
 
 @main.command("eval")
@@ -163,12 +221,31 @@ def eval_cmd(models: tuple[str, ...], config: str | None, overrides: tuple[str, 
 @set_option
 @click.option("--from", "from_stage", default=None, metavar="STAGE",
               help="Delete this stage's output and every later stage's, and rerun them.")
+@dry_run_option
 @user_errors
-def run_cmd(recipe: str, overrides: tuple[str, ...], from_stage: str | None) -> None:
+def run_cmd(recipe: str, overrides: tuple[str, ...], from_stage: str | None, dry_run: bool) -> None:
     """Run every stage of a RECIPE in order: complete stages are skipped, interrupted ones resumed."""
-    from align.pipeline import run_recipe
+    from align.pipeline import check_recipe, load_recipe, run_recipe
 
+    if dry_run:
+        plans = check_recipe(load_recipe(recipe, overrides), from_stage)
+        click.echo("\n".join(plan_text(p) for p in plans))
+        return
     run_recipe(recipe, overrides, from_stage)
+
+
+def plan_text(plan: dict[str, Any]) -> str:
+    """A `--dry-run` plan as lines: `<stage>: dry run ...` then `  key: value`."""
+    plan = dict(plan)
+    lines = [f"{plan.pop('stage')}: {plan.pop('status', 'dry run: inputs checked; nothing trained, nothing written')}"]
+    for key, value in plan.items():
+        if key.endswith("_bytes"):  # an expected size
+            key, value = key[:-len("_bytes")] + "_size", f"~{value / 2**20:,.1f} MiB" if value >= 2**20 else \
+                f"~{value / 2**10:,.1f} KiB"
+        elif isinstance(value, int):
+            value = f"{value:,}"
+        lines.append(f"  {key.replace('_', ' ')}: {value}")
+    return "\n".join(lines)
 
 
 @main.command("compare")
@@ -251,6 +328,44 @@ def generate_cmd(model_path: str, prompts: tuple[str, ...], template: str | None
     rollout = sample(model, tokenizer, ids, max_new_tokens, temperature=temperature or 1.0, greedy=temperature == 0)
     for p, r in zip(prompts, decode_responses(tokenizer, rollout)):
         click.echo(f"{p}{r}" if len(prompts) == 1 else f"--- {p}\n{r}")
+
+
+@main.command("sample")
+@click.argument("model_path")
+@click.option("--prompts", required=True, help="Prompt file (any prompt format).")
+@click.option("--best-of", "best_of", default=4, show_default=True, help="K: responses sampled per prompt.")
+@click.option("--out", required=True, help="JSONL file to write {prompt, response, score} lines to.")
+@click.option("--reward-model", default=None, help="Reward model (an `align rm` run) that chooses.")
+@click.option("--reward-function", default=None, help="Or a `module:function` reward.")
+@click.option("--template", default=None,
+              help="Prompt template; defaults to the one in MODEL_PATH's run config, else '{prompt}'.")
+@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--batch-size", default=16, show_default=True, help="Prompts per generate call.")
+@click.option("--max-samples", default=None, type=int, help="Use only the first N prompts.")
+@click.option("--seed", default=42, show_default=True)
+@set_option
+@user_errors
+def sample_cmd(model_path: str, prompts: str, best_of: int, out: str, reward_model: str | None,
+               reward_function: str | None, template: str | None, max_new_tokens: int, temperature: float,
+               batch_size: int, max_samples: int | None, seed: int, overrides: tuple[str, ...]) -> None:
+    """Best-of-K rejection sampling: K responses per prompt, the reward's favourite kept, written as
+    {prompt, response, score} JSONL (SFT data). Keys: see SampleConfig in docs/configuration.md."""
+    from align.best_of_n import run_sample
+    from align.config import SampleConfig, from_dict, parse_override, set_dotted
+
+    data = {"model": model_path, "prompts": prompts, "best_of": best_of, "out": out, "reward_model": reward_model,
+            "reward_function": reward_function, "prompt_template": template or run_prompt_template(model_path),
+            "response_length": max_new_tokens, "temperature": temperature, "batch_size": batch_size,
+            "max_samples": max_samples, "seed": seed}
+    for item in overrides:
+        set_dotted(data, *parse_override(item))
+    cfg = from_dict(SampleConfig, data)
+    cfg.validate()
+    s = run_sample(cfg)
+    click.echo(f"sample: wrote {s['prompts']} best-of-{s['best_of']} responses to {out} (mean score "
+               f"{s['mean_best_score']:.4g} kept vs {s['mean_sample_score']:.4g} per sample; "
+               f"{s['tokens_generated']:,} tokens generated in {s['wall_time_sec']:.1f}s)")
 
 
 def run_prompt_template(model_path: str) -> str | None:

@@ -137,6 +137,11 @@ class TrainConfig:
     """A step with a non-finite loss or gradient is skipped; this many in a row stop the run."""
     max_eval_batches: int | None = None
     """Cap on validation batches per evaluation (None: the whole validation set)."""
+    padding_free: bool = False
+    """SFT only: pack each micro-batch's examples into rows (position ids restarting per example, no
+    padding between them) instead of padding every example to the longest. Same loss, fewer tokens
+    computed when lengths vary. Needs a model whose causal mask honours packed position ids
+    (transformers' `create_causal_mask`: Llama, Mistral, Qwen2, Gemma and most recent ones)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,6 +425,14 @@ class EvalConfig:
     """Prompts generated for (and validation examples scored) per batch."""
     max_length: int = 512
     """Longest validation example (tokens)."""
+    best_of: int | None = None
+    """Also evaluate best-of-n with this n: for each model named in `best_of_models`, sample n
+    responses per prompt at `best_of_temperature`, keep the one the learned reward prefers, and
+    report it as a row `<name> (best-of-<n>)` with its sampling cost. Needs a learned reward."""
+    best_of_models: list[str] | None = None
+    """Names (see `names`) of the models to evaluate with best-of-n; default: the first model."""
+    best_of_temperature: float = 1.0
+    """Sampling temperature of the best-of-n candidates."""
 
     def validate(self) -> None:
         _require(self, ["output_dir", "prompts"])
@@ -432,10 +445,232 @@ class EvalConfig:
         checks = [("response_length", self.response_length >= 1, "must be >= 1"),
                   ("batch_size", self.batch_size >= 1, "must be >= 1"),
                   ("kl_temperature", self.kl_temperature > 0, "must be > 0"),
+                  ("max_samples", self.max_samples is None or self.max_samples >= 1, "must be >= 1"),
+                  ("best_of", self.best_of is None or self.best_of >= 1, "must be >= 1"),
+                  ("best_of_temperature", self.best_of_temperature > 0, "must be > 0")]
+        for key, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"config key '{key}' {why} (got {_get(self, key)!r})")
+        if self.best_of is not None and not (self.reward_model or self.reward_function):
+            raise ConfigError("config key 'best_of' needs a reward to choose with: set 'reward_model' or "
+                              "'reward_function'")
+        names = self.names or [Path(m).parent.name if Path(m).name == "model" else Path(m).name for m in self.models]
+        for name in self.best_of_models or []:
+            if name not in names:
+                raise ConfigError(f"config key 'best_of_models' names '{name}', which is not one of the models "
+                                  f"({', '.join(names)})")
+
+
+@dataclass
+class SampleConfig:
+    """`align sample`: rejection-sampled data. For each prompt, sample `best_of` responses and keep
+    the one the reward prefers; write `{prompt, response, score}` JSONL, usable as SFT data."""
+
+    model: str = ""
+    """The checkpoint (or run directory) to sample from. Required."""
+    prompts: str = ""
+    """Prompt file (any prompt format). Required."""
+    out: str = ""
+    """The JSONL file to write; must not exist yet. Required."""
+    best_of: int = 4
+    """K: responses sampled per prompt."""
+    reward_model: str | None = None
+    """The reward that chooses (an `align rm` run). One of `reward_model` and `reward_function`."""
+    reward_function: str | None = None
+    """Or a `module:function` reward taking (prompts, responses) and returning floats."""
+    normalize: bool = True
+    """Subtract the bias stored with the reward model (`align rm --set normalize_with=...`), if any."""
+    prompt_template: str | None = None
+    """Prompt template; None: the one in the model's run config, else `{prompt}`."""
+    max_prompt_length: int = 256
+    """Prompts longer than this many tokens are left out."""
+    max_samples: int | None = None
+    """Use only the first N prompts."""
+    response_length: int = 32
+    """Most new tokens per response."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    batch_size: int = 16
+    """Prompts per generate call (each call samples batch_size x best_of responses)."""
+    seed: int = 42
+    """Seeds the sampling."""
+
+    def validate(self) -> None:
+        _require(self, ["model", "prompts", "out"])
+        if (self.reward_model is None) == (self.reward_function is None):
+            raise ConfigError("set exactly one of config keys 'reward_model' and 'reward_function'")
+        checks = [("best_of", self.best_of >= 1, "must be >= 1"),
+                  ("response_length", self.response_length >= 1, "must be >= 1"),
+                  ("temperature", self.temperature > 0, "must be > 0"),
+                  ("batch_size", self.batch_size >= 1, "must be >= 1"),
                   ("max_samples", self.max_samples is None or self.max_samples >= 1, "must be >= 1")]
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}' {why} (got {_get(self, key)!r})")
+
+
+def _check_trl_train(t: TrainConfig) -> None:
+    """TrainConfig keys that TRL's trainers have no counterpart for must stay unset."""
+    if t.early_stopping_patience is not None:
+        raise ConfigError("config key 'train.early_stopping_patience' is not supported by the TRL stages")
+    if t.max_eval_batches is not None:
+        raise ConfigError("config key 'train.max_eval_batches' is not supported by the TRL stages")
+    if t.padding_free:
+        raise ConfigError("config key 'train.padding_free' is not supported by the TRL stages")
+
+
+@dataclass
+class DPOStageConfig:
+    """`align dpo`: Direct Preference Optimization (Rafailov et al. 2023) through TRL's DPOTrainer, from
+    the SFT model on the reward model's preference pairs; the reference is the SFT model, frozen."""
+
+    output_dir: str = ""
+    """Run directory; the policy is written to `<output_dir>/model`. Required."""
+    seed: int = 42
+    """Seeds the data order, the validation split and LoRA's initialisation."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The SFT model: the policy starts from it and the reference is it, frozen."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA on the policy; the reference is then the policy with its adapter disabled (no copy)."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=512))
+    """Preference pairs `{prompt, chosen, rejected}` (the reward model's); `data.prompt_template` must
+    be SFT's. The template is applied here, before TRL sees the pairs (TRL does not re-template plain
+    strings). Pairs longer than `max_length` are dropped (`drop`), cut by TRL from the end
+    (`truncate`), or stop the run (`error`)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-7))
+    """Optimisation, mapped onto TRL's arguments; `batch_size` counts pairs. `max_nonfinite_steps`
+    is not used (TRL has no such guard); `early_stopping_patience` and `max_eval_batches` must stay
+    unset; `save_every`/`keep_checkpoints` are TRL's `save_steps`/`save_total_limit`."""
+    beta: float = 0.1
+    """beta of the DPO loss: how strongly the policy is held to the reference (the implicit reward is
+    beta x log pi/pi_ref)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """TRL's `loss_type`: `sigmoid` is DPO's -log sigmoid(beta x margin)."""
+    reference: str | None = None
+    """Reference policy; None: `model.path` (the SFT model)."""
+
+    def validate(self) -> None:
+        _require(self, ["output_dir", "model.path", "data.train"])
+        if self.beta <= 0:
+            raise ConfigError(f"config key 'beta' must be > 0 (got {self.beta!r})")
+        _check_trl_train(self.train)
+        validate_common(self)
+
+
+@dataclass
+class GroupLoopConfig:
+    """Sampling and optimisation of the group-baseline RL stages (GRPO, RLOO), named as PPO's where
+    the meaning is the same, so the methods can be given the same budget."""
+
+    total_episodes: int = 1024
+    """Responses to sample over the whole run (the budget, as PPO's); steps = total_episodes /
+    (rollout_batch_size x processes)."""
+    rollout_batch_size: int = 64
+    """Responses sampled per optimizer step, per process: rollout_batch_size / num_generations prompts."""
+    num_generations: int = 8
+    """G: responses per prompt; each response's baseline comes from the other responses to its prompt."""
+    micro_batch_size: int = 16
+    """Responses per forward/backward; rollout_batch_size / micro_batch_size is the gradient accumulation."""
+    num_iterations: int = 1
+    """Optimisation passes over each sampled batch (TRL's `num_iterations`, PPO's ppo_epochs)."""
+    response_length: int = 32
+    """Most new tokens per response."""
+    temperature: float = 0.7
+    """Sampling temperature (pure temperature sampling: top_k 0, top_p 1, as PPO's)."""
+    kl_coef: float = 0.05
+    """beta: weight of the KL to the reference (0: no reference model is loaded)."""
+    clip_eps: float = 0.2
+    """Policy ratio clip range (matters when num_iterations > 1)."""
+    lr: float = 1e-6
+    """Peak learning rate; linear warmup then cosine decay to 0."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's [beta1, beta2]."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Compute dtype. `auto`: bf16 on a GPU that supports it, else none."""
+    log_every: int = 1
+    """Append metrics to metrics.jsonl every N steps."""
+    save_every: int = 50
+    """Write a resumable checkpoint every N steps."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+
+
+@dataclass
+class _GroupStage:
+    """What GRPO and RLOO share: the PPO stage's model, reward and prompts, a group sampling loop."""
+
+    output_dir: str = ""
+    """Run directory; the policy is written to `<output_dir>/model`. Required."""
+    seed: int = 42
+    """Seeds the prompt order and the sampling."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The SFT model: the policy starts from it and the reference is it, frozen."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA on the policy; the reference is then the policy with its adapter disabled."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """The reward, as PPO's: a reward model (scored at the last real token, its stored bias
+    subtracted) or a function. Used: model, function, normalize, clip, missing_eos_penalty."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=256))
+    """The PPO prompt set; `max_length` is the longest prompt kept; `prompt_template` must be SFT's."""
+    rl: GroupLoopConfig = field(default_factory=GroupLoopConfig)
+
+    def validate(self) -> None:
+        _require(self, ["output_dir", "model.path", "data.train"])
+        if (self.reward.model is None) == (self.reward.function is None):
+            raise ConfigError("set exactly one of config keys 'reward.model' and 'reward.function'")
+        r = self.rl
+        checks = [
+            ("rl.total_episodes", r.total_episodes >= r.rollout_batch_size,
+             f"must be at least one rollout batch ({r.rollout_batch_size})"),
+            ("rl.num_generations", r.num_generations >= 2, "must be >= 2 (the baseline needs other responses)"),
+            ("rl.rollout_batch_size", r.rollout_batch_size >= 1 and r.rollout_batch_size % r.num_generations == 0,
+             "must be a multiple of rl.num_generations"),
+            ("rl.micro_batch_size", 1 <= r.micro_batch_size <= r.rollout_batch_size
+             and r.rollout_batch_size % r.micro_batch_size == 0, "must divide rl.rollout_batch_size"),
+            ("rl.num_iterations", r.num_iterations >= 1, "must be >= 1"),
+            ("rl.response_length", r.response_length >= 1, "must be >= 1"),
+            ("rl.temperature", r.temperature > 0, "must be > 0"),
+            ("rl.kl_coef", r.kl_coef >= 0, "must be >= 0"),
+            ("rl.clip_eps", r.clip_eps > 0, "must be > 0"),
+            ("rl.lr", r.lr > 0, "must be > 0"),
+            ("rl.max_grad_norm", r.max_grad_norm > 0, "must be > 0"),
+            ("rl.log_every", r.log_every >= 1, "must be >= 1"),
+            ("rl.save_every", r.save_every >= 1, "must be >= 1"),
+            ("rl.keep_checkpoints", r.keep_checkpoints >= 1, "must be >= 1"),
+            ("reward.clip", self.reward.clip is None or self.reward.clip > 0, "must be > 0"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"config key '{key}' {why} (got {_get(self, key)!r})")
+        validate_common(self)
+
+
+@dataclass
+class GRPOStageConfig(_GroupStage):
+    """`align grpo`: GRPO (Shao et al. 2024) through TRL's GRPOTrainer: G responses per prompt, the
+    advantage of each is its reward minus its group's mean (scaled per `scale_rewards`)."""
+
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
+    """TRL's `loss_type`: how token losses are averaged (`grpo`: per sequence then over the batch;
+    `dapo`: over all tokens of the batch; `dr_grpo`: by a constant, Liu et al. 2025)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the reward std of the group, of the batch, or not at all (Dr. GRPO)."""
+
+
+@dataclass
+class RLOOStageConfig(_GroupStage):
+    """`align rloo`: REINFORCE Leave-One-Out (Ahmadian et al. 2024) through TRL's RLOOTrainer: the
+    baseline of each response is the mean reward of the other G-1 responses to its prompt; the KL
+    to the reference enters the reward, summed over the response."""
+
+    normalize_advantages: bool = False
+    """Whiten advantages over the batch."""
 
 
 def validate_common(cfg: Any) -> None:

@@ -14,6 +14,7 @@ for token values.
 
 from __future__ import annotations
 
+import difflib
 import json
 import random
 from dataclasses import dataclass
@@ -186,7 +187,8 @@ def _record_problems(rec: Record, fmt: str, required: tuple[str, ...]) -> list[s
     out = []
     for name in required:
         if name not in rec.fields or rec.fields[name] is None:
-            out.append(f"{rec.where}: missing field '{name}'")
+            near = difflib.get_close_matches(name, [k for k in rec.fields if k not in required], n=1, cutoff=0.6)
+            out.append(f"{rec.where}: missing field '{name}'" + (f" (found '{near[0]}': misspelt?)" if near else ""))
             continue
         value = rec.fields[name]
         if name == "messages" or (fmt == "preference" and isinstance(value, list)):
@@ -248,7 +250,7 @@ def chat_segments(rec: Record, tokenizer: Any) -> list[tuple[str, bool]]:
     """
     messages = rec.fields["messages"]
     if not any(m["role"] == "assistant" for m in messages):
-        raise AlignError(f"{rec.where}: conversation has no assistant turn to train on")
+        raise DataError([f"{rec.where}: conversation has no assistant turn to train on"])
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, m in enumerate(messages):
@@ -326,8 +328,8 @@ def fit_length(ex: Example, max_length: int, policy: str, where: str, report: To
         report.kept += 1
         return ex
     if policy == "error":
-        raise AlignError(f"{where}: example is {len(ex.input_ids)} tokens, longer than data.max_length "
-                         f"({max_length}); raise max_length or set data.truncation to drop or truncate")
+        raise DataError([f"{where}: example is {len(ex.input_ids)} tokens, longer than data.max_length "
+                         f"({max_length}); raise max_length or set data.truncation to drop or truncate"])
     if policy == "truncate" and any(ex.loss_mask[:max_length]):
         report.kept += 1
         report.truncated += 1
@@ -341,14 +343,21 @@ def tokenize_sft(records: list[Record], fmt: str, template: str, tokenizer: Any,
     """Records -> examples `prompt + response + EOS` with the loss on response and EOS."""
     prefix = [] if fmt == "chat" else bos_prefix(tokenizer)
     report = TokenizeReport()
-    out = []
+    out, problems = [], []
     for rec in records:
-        ex = encode_segments(tokenizer, sft_segments(rec, fmt, template, tokenizer), add_eos=fmt != "chat", prefix=prefix)
-        if not any(ex.loss_mask):
-            raise AlignError(f"{rec.where}: the response tokenizes to nothing")
-        fitted = fit_length(ex, max_length, truncation, rec.where, report)
+        try:
+            ex = encode_segments(tokenizer, sft_segments(rec, fmt, template, tokenizer), add_eos=fmt != "chat",
+                                 prefix=prefix)
+            if not any(ex.loss_mask):
+                raise DataError([f"{rec.where}: the response tokenizes to nothing"])
+            fitted = fit_length(ex, max_length, truncation, rec.where, report)
+        except DataError as e:  # keep going: every bad record of the file is reported together
+            problems += e.problems
+            continue
         if fitted is not None:
             out.append(fitted)
+    if problems:
+        raise DataError(problems, MAX_REPORTED_PROBLEMS)
     if not out:
         raise AlignError(f"every example is longer than data.max_length ({max_length}); none left to train on")
     return out, report
@@ -371,18 +380,61 @@ def split_validation(items: list[Any], fraction: float, seed: int) -> tuple[list
 
 def pad_examples(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example. Returns input_ids, attention_mask and labels, all (B, T);
-    labels carry IGNORE_INDEX on prompt and padding. Masks come from lengths, not token values."""
+    labels carry IGNORE_INDEX on prompt and padding. Masks come from lengths, not token values.
+    The rows are built as Python lists and become tensors in one call each (a tensor per example
+    cost ~10% of a small model's SFT step; tests/test_perf_guards.py checks it is the same batch)."""
     width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        attention[i, :n] = 1
-        mask = torch.tensor(e.loss_mask, dtype=torch.bool)
-        labels[i, :n] = torch.where(mask, ids[i, :n], IGNORE_INDEX)
-    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+    ids, attention, labels = [], [], []
+    for e in examples:
+        pad = width - len(e.input_ids)
+        ids.append(e.input_ids + [pad_id] * pad)
+        attention.append([1] * len(e.input_ids) + [0] * pad)
+        labels.append([t if m else IGNORE_INDEX for t, m in zip(e.input_ids, e.loss_mask)] + [IGNORE_INDEX] * pad)
+    return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(attention, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def pack_examples(examples: list[Example], pad_id: int, max_row_factor: int = 3) -> dict[str, torch.Tensor]:
+    """Padding-free batch (`train.padding_free`): the examples packed into rows with position ids
+    restarting at 0 for each example.
+
+    Returns input_ids, position_ids, labels and token_mask (1 on real tokens), all (R, W) with
+    R <= B rows. The model gets no attention mask: given position ids alone, transformers' causal
+    mask confines each token to its own example (`masking_utils.find_packed_sequence_indices`),
+    and a row's pad tail comes after all its real tokens, so causal attention never reads it.
+    Each example's first label is IGNORE_INDEX so that the previous example's last token is not
+    trained to predict it (in a padded batch it is dropped by the shift anyway): the loss and the
+    item count equal `pad_examples'`.
+
+    Packing: for each row count R, longest-first onto the emptiest row (balanced rows); the R with
+    the fewest padded slots R x W wins, rows no wider than `max_row_factor` x the longest example
+    (attention's cost grows with the row width, the linear layers' with R x W only).
+    """
+    lengths = [len(e.input_ids) for e in examples]
+    order = sorted(range(len(examples)), key=lambda i: -lengths[i])
+    best: tuple[int, list[list[int]], list[int]] | None = None
+    for n_rows in range(max(1, -(-sum(lengths) // (max_row_factor * lengths[order[0]]))), len(examples) + 1):
+        rows: list[list[int]] = [[] for _ in range(n_rows)]
+        fill = [0] * n_rows
+        for i in order:
+            r = min(range(n_rows), key=fill.__getitem__)
+            rows[r].append(i)
+            fill[r] += lengths[i]
+        if best is None or n_rows * max(fill) < best[0]:
+            best = (n_rows * max(fill), rows, fill)
+    _, rows, fill = best
+    width = max(fill)
+    ids, positions, labels, real = [], [], [], []
+    for row, used in zip(rows, fill):
+        pad = width - used
+        ids.append([t for i in row for t in examples[i].input_ids] + [pad_id] * pad)
+        positions.append([p for i in row for p in range(lengths[i])] + [0] * pad)
+        labels.append([t if m and p > 0 else IGNORE_INDEX for i in row
+                       for p, (t, m) in enumerate(zip(examples[i].input_ids, examples[i].loss_mask))]
+                      + [IGNORE_INDEX] * pad)
+        real.append([1] * used + [0] * pad)
+    return {"input_ids": torch.tensor(ids, dtype=torch.long), "position_ids": torch.tensor(positions, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long), "token_mask": torch.tensor(real, dtype=torch.long)}
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -437,19 +489,25 @@ def tokenize_pairs(records: list[Record], template: str, tokenizer: Any, max_len
     """Records -> (chosen, rejected) examples, each `prompt + answer (+ EOS)`. A pair is dropped
     when either side is dropped, so both sides always see the same prompt."""
     prefix = bos_prefix(tokenizer)
-    report, out = TokenizeReport(), []
+    report, out, problems = TokenizeReport(), [], []
     for rec in records:
         sides = []
-        for side in ("chosen", "rejected"):
-            is_chat = isinstance(rec.fields[side], list)
-            ex = encode_segments(tokenizer, preference_segments(rec, side, template, tokenizer),
-                                 add_eos=not is_chat, prefix=[] if is_chat else prefix)
-            sides.append(fit_length(ex, max_length, truncation, rec.where, TokenizeReport()))
+        try:
+            for side in ("chosen", "rejected"):
+                is_chat = isinstance(rec.fields[side], list)
+                ex = encode_segments(tokenizer, preference_segments(rec, side, template, tokenizer),
+                                     add_eos=not is_chat, prefix=[] if is_chat else prefix)
+                sides.append(fit_length(ex, max_length, truncation, rec.where, TokenizeReport()))
+        except DataError as e:  # keep going: every bad record of the file is reported together
+            problems += e.problems
+            continue
         if sides[0] is None or sides[1] is None:
             report.dropped += 1
             continue
         report.kept += 1
         out.append((sides[0], sides[1]))
+    if problems:
+        raise DataError(problems, MAX_REPORTED_PROBLEMS)
     if not out:
         raise AlignError(f"every preference pair is longer than data.max_length ({max_length}); none left to train on")
     return out, report
@@ -476,6 +534,32 @@ def load_prompts(source: str, fmt: str, template: str, tokenizer: Any, max_lengt
     `{prompt}` alone. Ids are built exactly as in SFT, so the policy sees what it was trained on.
     A prompt longer than `max_length` tokens is dropped, or stops the run (truncation `error`);
     prompts are never cut, since a cut prompt asks a different question."""
+    records, fmt = read_prompt_records(source, fmt, split, max_samples)
+    prefix = [] if fmt == "chat" else bos_prefix(tokenizer)
+    report, out, problems = TokenizeReport(), [], []
+    for rec in records:
+        text = prompt_text(rec, fmt if fmt != "prompt" else "prompt_response", template, tokenizer)
+        ids = prefix + tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) > max_length:
+            if truncation == "error":
+                problems.append(f"{rec.where}: prompt is {len(ids)} tokens, longer than data.max_length "
+                                f"({max_length}); raise it or set data.truncation to drop")
+            report.dropped += 1
+            continue
+        report.kept += 1
+        raw = rec.fields["prompt"] if isinstance(rec.fields.get("prompt"), str) else text
+        out.append(Prompt(raw, ids, rec.where))
+    if problems:
+        raise DataError(problems, MAX_REPORTED_PROBLEMS)
+    if not out:
+        raise AlignError(f"{source}: every prompt is longer than the prompt limit ({max_length})")
+    return out, report
+
+
+def read_prompt_records(source: str, fmt: str = "auto", split: str = "train",
+                        max_samples: int | None = None) -> tuple[list[Record], str]:
+    """Read and check a prompt set (every record), without a tokenizer. Returns the records and
+    their format: `chat` (a conversation), `alpaca` or `prompt`."""
     records = read_records(source, split, max_samples)
     fmt = detect_format(records, fmt, PROMPT_FIELDS | FORMAT_FIELDS)
     if fmt in ("prompt", "preference", "prompt_response", "prompt_completion") and isinstance(
@@ -486,19 +570,4 @@ def load_prompts(source: str, fmt: str, template: str, tokenizer: Any, max_lengt
     if fmt in ("preference", "prompt_response", "prompt_completion"):
         fmt = "prompt"
     validate_records(records, fmt, PROMPT_FIELDS)
-    prefix = [] if fmt == "chat" else bos_prefix(tokenizer)
-    report, out = TokenizeReport(), []
-    for rec in records:
-        text = prompt_text(rec, fmt if fmt != "prompt" else "prompt_response", template, tokenizer)
-        ids = prefix + tokenizer(text, add_special_tokens=False).input_ids
-        if len(ids) > max_length:
-            if truncation == "error":
-                raise AlignError(f"{rec.where}: prompt is {len(ids)} tokens, longer than the prompt limit ({max_length})")
-            report.dropped += 1
-            continue
-        report.kept += 1
-        raw = rec.fields["prompt"] if isinstance(rec.fields.get("prompt"), str) else text
-        out.append(Prompt(raw, ids, rec.where))
-    if not out:
-        raise AlignError(f"{source}: every prompt is longer than the prompt limit ({max_length})")
-    return out, report
+    return records, fmt

@@ -28,7 +28,7 @@ from align import data as D
 from align.bundle import Reward, call_reward_function, load_reward_function, response_logits
 from align.config import EvalConfig, ModelConfig
 from align.generation import decode_responses, sample
-from align.modeling import load_pretrained, load_tokenizer, resolve_model_path
+from align.modeling import inspect_model, load_pretrained, load_tokenizer, resolve_model_path
 from align.ops import masked_nll_sum, selective_log_softmax, token_correct
 from align.runtime import atomic_write_text, peak_memory_mb, set_seed
 
@@ -69,12 +69,15 @@ def sequence_logprob_sums(model: Any, rollout: Any, temperature: float) -> torch
     return (selective_log_softmax(logits, rollout.response_ids) * rollout.response_mask).sum(1)
 
 
-@torch.no_grad()
-def validation_metrics(model: Any, tokenizer: Any, cfg: EvalConfig) -> dict[str, float]:
+def validation_examples(cfg: EvalConfig, tokenizer: Any) -> list[D.Example]:
     records = D.read_records(cfg.validation)
     fmt = D.detect_format(records)
     D.validate_records(records, fmt)
-    examples, _ = D.tokenize_sft(records, fmt, cfg.prompt_template, tokenizer, cfg.max_length, "drop")
+    return D.tokenize_sft(records, fmt, cfg.prompt_template, tokenizer, cfg.max_length, "drop")[0]
+
+
+@torch.no_grad()
+def validation_metrics(model: Any, tokenizer: Any, cfg: EvalConfig, examples: list[D.Example]) -> dict[str, float]:
     totals = torch.zeros(3)
     for s in range(0, len(examples), cfg.batch_size):
         batch = D.pad_examples(examples[s:s + cfg.batch_size], tokenizer.pad_token_id)
@@ -87,23 +90,39 @@ def validation_metrics(model: Any, tokenizer: Any, cfg: EvalConfig) -> dict[str,
     return {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": (totals[1] / totals[2]).item()}
 
 
-def evaluate_models(cfg: EvalConfig) -> dict[str, Any]:
-    """Run the evaluation and write results.json; returns its content."""
+def evaluate_models(cfg: EvalConfig, dry_run: bool = False) -> dict[str, Any]:
+    """Run the evaluation and write results.json; returns its content. Every input (model paths,
+    prompts, validation file, reward imports) is checked before any weight is loaded; with
+    `dry_run`, only that, and the plan is returned."""
     from transformers import AutoModelForCausalLM
 
     t0 = time.time()
     out = Path(cfg.output_dir)
-    paths = [resolve_model_path(m) for m in cfg.models]  # fails fast on a missing path
     names = cfg.names or [model_name(m) for m in cfg.models]
     if len(set(names)) != len(names):
         raise_duplicate(names)
+    for i, m in enumerate(cfg.models):
+        inspect_model(m, f"models[{i}]")
+    for key in ("reference", "reward_model"):
+        if getattr(cfg, key):
+            inspect_model(getattr(cfg, key), key)
+    paths = [resolve_model_path(m) for m in cfg.models]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(paths[0])
+    tokenizer = load_tokenizer(paths[0], key="models[0]")
     prompts, report = D.load_prompts(cfg.prompts, "auto", cfg.prompt_template, tokenizer, cfg.max_prompt_length,
                                      "drop", max_samples=cfg.max_samples)
+    gold = load_reward_function(cfg.gold_reward, "gold_reward") if cfg.gold_reward else None
+    if cfg.reward_function:
+        load_reward_function(cfg.reward_function, "reward_function")
+    val_examples = validation_examples(cfg, tokenizer) if cfg.validation else []
+    if dry_run:
+        return {"stage": "eval", "output_dir": cfg.output_dir, "models": ", ".join(f"{n} ({m})" for n, m in
+                                                                                zip(names, cfg.models)),
+                "data": f"{len(prompts)} prompts ({report.dropped} dropped as too long); "
+                        f"{len(val_examples)} validation examples",
+                "reward": cfg.reward_model or cfg.reward_function or "none", "gold_reward": cfg.gold_reward or "none"}
     reward = (Reward(tokenizer, device, model=cfg.reward_model, function=cfg.reward_function, key="reward_model")
               if cfg.reward_model or cfg.reward_function else None)
-    gold = load_reward_function(cfg.gold_reward, "gold_reward") if cfg.gold_reward else None
     reference = (load_pretrained(AutoModelForCausalLM, ModelConfig(path=cfg.reference), tokenizer, trainable=False,
                                  device=device) if cfg.reference else None)
     (out / "responses").mkdir(parents=True, exist_ok=True)
@@ -160,17 +179,56 @@ def evaluate_models(cfg: EvalConfig) -> dict[str, Any]:
             metrics.update({k: sums[k] / n for k in ("sampled_reward", "sampled_gold_reward")
                             if (k == "sampled_reward" and reward) or (k == "sampled_gold_reward" and gold)})
         if cfg.validation:
-            metrics.update(validation_metrics(model, tokenizer, cfg))
+            metrics.update(validation_metrics(model, tokenizer, cfg, val_examples))
         atomic_write_text(out / "responses" / f"{name}.jsonl",
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         results.append({"name": name, "path": str(path), "metrics": metrics, "compute": lineage_compute(cfg.models[names.index(name)]),
                         "responses": f"responses/{name}.jsonl"})
         print(f"eval: {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        if cfg.best_of is not None and name in (cfg.best_of_models or names[:1]):
+            results.append(evaluate_best_of_n(model, tokenizer, prompts, reward, gold, cfg, name, results[-1], out))
     content = {"prompts": cfg.prompts, "n_prompts": len(prompts), "baseline": names[0], "models": results,
                "has_reward": reward is not None, "has_gold": gold is not None,
                "wall_time_sec": time.time() - t0, "peak_memory_mb": peak_memory_mb()}
     atomic_write_text(out / "results.json", json.dumps(content, indent=2))
     return content
+
+
+def evaluate_best_of_n(model: Any, tokenizer: Any, prompts: list[D.Prompt], reward: Reward, gold: Any,
+                       cfg: EvalConfig, name: str, base: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Best-of-n from `model` as a method of its own: n samples per prompt, the learned reward's
+    favourite kept, scored like the greedy responses. Compute is the base model's plus the
+    sampling (tokens generated, n x prompts episodes, wall time). KL to the reference is not
+    estimated for it; `kl_bound` is the analytic upper bound log(n) - (n-1)/n."""
+    from align.best_of_n import best_of_n, kl_bound
+
+    n = cfg.best_of
+    t0 = time.time()
+    set_seed(cfg.seed)
+    result = best_of_n(model, tokenizer, prompts, reward, n, cfg.response_length, cfg.best_of_temperature,
+                       cfg.batch_size)
+    raw = [q.text for q in prompts]
+    rows = [{"prompt": t, "response": r, "reward": v} for t, r, v in zip(raw, result.responses, result.scores.tolist())]
+    metrics = {"response_length": result.lengths.float().mean().item(),
+               "eos_rate": result.has_eos.float().mean().item(), "reward": result.scores.mean().item()}
+    if gold is not None:
+        golds = call_reward_function(gold, cfg.gold_reward, raw, result.responses).tolist()
+        metrics["gold_reward"] = sum(golds) / len(golds)
+        for row, v in zip(rows, golds):
+            row["gold_reward"] = v
+    metrics.update({"best_of_n": n, "kl_bound": kl_bound(n)})
+    row_name = f"{name} (best-of-{n})"
+    file = f"responses/{name}.best-of-{n}.jsonl"
+    atomic_write_text(out / file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    compute = dict(base["compute"])
+    compute.update({"wall_time_sec": compute.get("wall_time_sec", 0.0) + time.time() - t0,
+                    "tokens": compute.get("tokens", 0) + result.tokens_generated,
+                    "episodes": compute.get("episodes", 0) + result.episodes,
+                    "peak_memory_mb": max(compute.get("peak_memory_mb", 0.0), peak_memory_mb()),
+                    "stages": [*compute.get("stages", []), f"best-of-{n}"],
+                    "tokens_generated": result.tokens_generated})
+    print(f"eval: {row_name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+    return {"name": row_name, "path": base["path"], "metrics": metrics, "compute": compute, "responses": file}
 
 
 def infer_eval_defaults(models: list[str]) -> dict[str, Any]:

@@ -63,8 +63,61 @@ def _looks_like_hub_id(path: str) -> bool:
     return path.count("/") == 1 and not path.startswith((".", "/", "~"))
 
 
-def load_tokenizer(path: str, padding_side: str = "right") -> Any:
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def inspect_model(path: str, key: str, trust_remote_code: bool = False) -> Any:
+    """Check, without loading a single weight, that `path` holds a model (a config and weight
+    files) and return its config (AutoConfig). Errors name the config `key`. A LoRA adapter
+    directory is checked through the base model it names."""
+    from transformers import AutoConfig
+
+    quiet_transformers()
+    try:
+        src = resolve_model_path(path)
+    except AlignError as e:
+        raise AlignError(f"config key '{key}': {e}") from None
+    local = Path(src)
+    if local.is_dir():
+        if not any((local / name).is_file() for name in WEIGHT_FILES):
+            raise AlignError(f"config key '{key}': model path '{path}' holds no weights "
+                             f"(none of {', '.join(WEIGHT_FILES)})")
+        if not (local / "config.json").is_file():  # a LoRA adapter: its base model holds the config
+            base = json.loads((local / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not base:
+                raise AlignError(f"config key '{key}': adapter '{path}' does not name its base model")
+            return inspect_model(base, key, trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise AlignError(f"config key '{key}': could not read the model config of '{path}': {_first_line(e)}") from None
+
+
+def parameter_counts(config: Any, auto_cls: Any, lora: LoraConfig | None = None,
+                     trust_remote_code: bool = False) -> tuple[int, int]:
+    """(total, trained) parameters of `auto_cls.from_config(config)`, built on the meta device (no
+    memory, no weights). With `lora` enabled, trained is the adapter, r x (in + out) per targeted
+    linear layer, plus a sequence classifier's score head (trained in full)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = auto_cls.from_config(config, trust_remote_code=trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())
+    if lora is None or not lora.enabled:
+        return total, total
+    head = getattr(model, "score", None)
+    skip = {id(m) for m in (model.get_output_embeddings(), head) if m is not None}
+    targets = None if lora.target == "all" else set(lora.target)
+    adapter = sum(lora.r * (m.in_features + m.out_features) for name, m in model.named_modules()
+                  if isinstance(m, nn.Linear) and id(m) not in skip
+                  and (targets is None or name.rsplit(".", 1)[-1] in targets))
+    return total, adapter + (sum(p.numel() for p in head.parameters()) if head is not None else 0)
+
+
+def load_tokenizer(path: str, padding_side: str = "right", key: str | None = None) -> Any:
     """Load a tokenizer and give it a dedicated pad token when it has none (or pads with EOS).
+    Errors name the config `key` the path came from, when given.
 
     EOS must never double as pad: masks built from token equality would then hide the real EOS
     of every response. We build masks from lengths anyway; a distinct pad keeps checkpoints safe
@@ -73,12 +126,15 @@ def load_tokenizer(path: str, padding_side: str = "right") -> Any:
     from transformers import AutoTokenizer
 
     quiet_transformers()
+    where = f"config key '{key}': " if key else ""
     try:
         tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
     except (OSError, ValueError) as e:
-        raise AlignError(f"could not load tokenizer '{path}': {_first_line(e)}") from None
+        raise AlignError(f"{where}could not load tokenizer '{path}': {_first_line(e)}") from None
+    except AlignError as e:
+        raise AlignError(f"{where}{e}") from None
     if tok.eos_token_id is None:
-        raise AlignError(f"tokenizer '{path}' has no EOS token; responses could never end")
+        raise AlignError(f"{where}tokenizer '{path}' has no EOS token; responses could never end")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": PAD_TOKEN})
     tok.padding_side = padding_side
@@ -144,16 +200,21 @@ def disable_dropout(model: nn.Module) -> None:
 def apply_lora(model: nn.Module, cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> nn.Module:
     """Wrap `model` in a peft LoRA adapter. `target: all` is peft's `all-linear` (every linear layer
     except the output head); for a sequence classifier the score head is trained in full."""
-    from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    target = "all-linear" if cfg.target == "all" else list(cfg.target)
-    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=target, task_type=task_type, bias="none")
     try:
-        return get_peft_model(model, peft_cfg)
+        return get_peft_model(model, peft_lora_config(cfg, task_type))
     except ValueError as e:
         raise AlignError(f"config key 'lora.target': {_first_line(e)}") from None
+
+
+def peft_lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> Any:
+    """Our LoRA section as a peft `LoraConfig` (also handed to TRL's trainers as `peft_config`)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    target = "all-linear" if cfg.target == "all" else list(cfg.target)
+    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target,
+                          task_type=task_type, bias="none")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -59,6 +59,12 @@ def masked_whiten(
     return whitened * mask
 
 
+SELECTIVE_LOG_SOFTMAX_VECTORISED_MAX = 2**22
+"""Up to this many logits (16 MB in float32) `selective_log_softmax` works on the whole tensor at
+once; above it, row by row. Measured in docs/performance.md: the same speed at 32k-150k vocabularies,
+where the row loop keeps peak memory at one row's slice."""
+
+
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """log_softmax(logits)[..., index] without materialising the (B, T, V) log-prob tensor.
 
@@ -67,6 +73,11 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     (the same trick as TRL's `selective_log_softmax`). Float32 logits only; lower precisions are
     upcast per row because logsumexp in bf16 loses the small differences PPO ratios depend on.
     """
+    if logits.numel() <= SELECTIVE_LOG_SOFTMAX_VECTORISED_MAX:
+        # Small tensors: one vectorised pass. The row loop's per-row dispatch cost dominates here
+        # (~20x slower at B=8, T=16, V=260); its memory saving only matters for large (T, V) slices.
+        logits = logits.float()
+        return logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     out = torch.empty(index.shape, dtype=torch.float32, device=logits.device)
     for i in range(logits.shape[0]):
         row = logits[i].float()  # (T, V)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 from pathlib import Path
@@ -22,9 +23,10 @@ import torch
 
 from align import data as D
 from align.bundle import ModelBundle, build_bundle, load_reward_function, call_reward_function
-from align.config import PPOConfig
+from align.config import LoraConfig, PPOConfig
+from align.errors import AlignError
 from align.generation import Rollout, decode_responses, sample
-from align.modeling import count_parameters, load_tokenizer, save_model
+from align.modeling import count_parameters, inspect_model, load_tokenizer, parameter_counts, save_model
 from align.ops import entropy_from_logits, masked_mean, masked_whiten
 from align.rl import (AdaptiveKLController, FixedKLController, gae, kl_estimate, per_token_rewards, policy_loss,
                       value_loss)
@@ -69,17 +71,70 @@ def drift_warnings(metrics: dict[str, float], first_length: float, p: Any) -> di
     }
 
 
-def train_ppo(cfg: PPOConfig, resume: bool = False, force: bool = False) -> dict[str, Any]:
+def check_models(cfg: PPOConfig, tokenizer: Any) -> dict[str, Any]:
+    """Check every model input without loading a weight: actor, critic and reward model paths
+    (config and weight files), the reward function's import, and vocabularies. A reward model
+    whose vocabulary differs from the actor's scores through text (responses decoded and
+    re-tokenized: `text_bridge`); the critic reads the actor's ids, so it must share its vocabulary."""
+    trust, vocab = cfg.model.trust_remote_code, tokenizer.get_vocab()
+    found: dict[str, Any] = {"actor": inspect_model(cfg.model.path, "model.path", trust), "text_bridge": False}
+    critic_key = "critic.path" if cfg.critic.path else "reward.model" if cfg.reward.model else "model.path"
+    critic_path = cfg.critic.path or cfg.reward.model or cfg.model.path
+    found["critic"] = inspect_model(critic_path, critic_key, trust)
+    if cfg.reward.function:
+        load_reward_function(cfg.reward.function, "reward.function")
+    else:
+        found["reward"] = inspect_model(cfg.reward.model, "reward.model", trust)
+        found["text_bridge"] = load_tokenizer(cfg.reward.model, key="reward.model").get_vocab() != vocab
+    if critic_path != cfg.model.path and load_tokenizer(critic_path, key=critic_key).get_vocab() != vocab:
+        raise AlignError(f"config key '{critic_key}': the critic would start from '{critic_path}', whose vocabulary "
+                         f"differs from the actor's; set critic.path to the SFT model ('{cfg.model.path}')")
+    return found
+
+
+def ppo_plan(cfg: PPOConfig, found: dict[str, Any], data: str, n_steps: int, global_batch: int) -> dict[str, Any]:
+    """What a PPO run would do (`--dry-run`). Checkpoint: actor and critic float32 weights (4 bytes
+    per parameter, per adapter parameter with LoRA) plus AdamW's moments (8 bytes per trained one)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    trust = cfg.model.trust_remote_code
+    lora = cfg.memory_mode == "lora"
+    a_total, a_trained = parameter_counts(found["actor"], AutoModelForCausalLM,
+                                          LoraConfig(**{**cfg.lora.__dict__, "enabled": lora}), trust)
+    critic_config = copy.deepcopy(found["critic"])
+    critic_config.num_labels = 1
+    c_total, c_trained = parameter_counts(critic_config, AutoModelForSequenceClassification,
+                                          LoraConfig(**{**cfg.lora.__dict__, "enabled": cfg.critic.lora}), trust)
+    saved = 4 * ((a_trained if lora else a_total) + (c_trained if cfg.critic.lora else c_total))
+    reward = cfg.reward.function or cfg.reward.model
+    return {"stage": "ppo", "output_dir": cfg.output_dir, "actor": f"{cfg.model.path} ({cfg.memory_mode} mode)",
+            "reference": "the actor with its adapter disabled" if lora else f"{cfg.model.path} (a frozen copy)",
+            "critic": cfg.critic.path or cfg.reward.model or cfg.model.path,
+            "reward": reward + (" (different vocabulary: scored through text)" if found["text_bridge"] else ""),
+            "actor_parameters": a_total, "actor_trained_parameters": a_trained, "critic_parameters": c_total,
+            "critic_trained_parameters": c_trained, "data": data, "steps": n_steps, "episodes_per_step": global_batch,
+            "checkpoint_bytes": saved + 8 * (a_trained + c_trained),
+            "final_model_bytes": 4 * (a_trained if lora and not cfg.lora.merge else a_total)}
+
+
+def train_ppo(cfg: PPOConfig, resume: bool = False, force: bool = False, dry_run: bool = False) -> dict[str, Any]:
+    """Train and return the summary; with `dry_run`, check every input and return the plan instead
+    (nothing is loaded but configs and tokenizers, nothing is written)."""
     t_start = time.time()
     p = cfg.ppo
     accelerator = make_accelerator(p.mixed_precision)
     is_main, rank, world, device = (accelerator.is_main_process, accelerator.process_index,
                                     accelerator.num_processes, accelerator.device)
     set_seed(cfg.seed)
-    run = prepare_run_dir(cfg.output_dir, cfg, resume, is_main, force)
+    run = prepare_run_dir(cfg.output_dir, cfg, resume, is_main, force, dry_run)
 
-    # ---- data, the four models, optimizers
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    # ---- every input checked before any weight is loaded: models, prompts, eval prompts, rewards
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path,
+                               key="model.tokenizer" if cfg.model.tokenizer else "model.path")
+    found = check_models(cfg, tokenizer)
+    if found["text_bridge"] and is_main:
+        print("ppo: note: the reward model's tokenizer differs from the actor's; responses are decoded and "
+              "re-tokenized for it (text bridge)", flush=True)
     d = cfg.data
     prompts, report = D.load_prompts(d.train, d.format, d.prompt_template, tokenizer, d.max_length, d.truncation,
                                      d.split, d.max_samples)
@@ -88,6 +143,12 @@ def train_ppo(cfg: PPOConfig, resume: bool = False, force: bool = False) -> dict
     gold = load_reward_function(cfg.eval.gold_reward, "eval.gold_reward") if cfg.eval.gold_reward else None
     global_batch = p.rollout_batch_size * world
     n_steps = p.total_episodes // global_batch
+    if len(prompts) < global_batch or n_steps < 1:
+        raise AlignError(f"{len(prompts)} prompts and ppo.total_episodes {p.total_episodes} make no rollout batch of "
+                         f"{global_batch} (ppo.rollout_batch_size x {world} process(es)); lower ppo.rollout_batch_size")
+    if dry_run:
+        return ppo_plan(cfg, found, f"{report.kept} prompts ({report.dropped} dropped as longer than {d.max_length} "
+                        f"tokens); {len(eval_prompts)} eval prompts", n_steps, global_batch)
     ckpt = run.latest_checkpoint() if resume else None
     bundle = build_bundle(cfg, tokenizer, device, ckpt)
     actor_opt = make_optimizer(bundle.actor.parameters(), p.lr, p.weight_decay, p.adam_betas)
@@ -194,7 +255,10 @@ def train_ppo(cfg: PPOConfig, resume: bool = False, force: bool = False) -> dict
                         vpred = bundle.values(critic, sub)
                         pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[idx], advantages[idx], mb_mask, p.clip_eps)
                         vf_loss, vf_stats = value_loss(vpred, values[idx], returns[idx], mb_mask, p.value_clip_eps)
-                        entropy = masked_mean(entropy_from_logits(logits), mb_mask)
+                        # Without an entropy bonus the entropy is only logged: no graph through a
+                        # (B, R, V) softmax for a backward pass that would multiply it by 0.
+                        with contextlib.nullcontext() if p.ent_coef else torch.no_grad():
+                            entropy = masked_mean(entropy_from_logits(logits), mb_mask)
                         loss = pg_loss + p.vf_coef * vf_loss - p.ent_coef * entropy
                         accelerator.backward(loss * mb_mask.sum() * world / mb_tokens.clamp(min=1))
                     for k, v in (("approxkl", pg_stats["approxkl"]), ("clipfrac", pg_stats["clipfrac"]),

@@ -21,15 +21,17 @@ import torch
 from align import data as D
 from align.config import RMConfig
 from align.errors import AlignError
-from align.modeling import ScoreModel, last_token_index, load_score_model, load_tokenizer
+from align.modeling import ScoreModel, inspect_model, last_token_index, load_score_model, load_tokenizer
 from align.rl import bradley_terry_loss
 from align.runtime import make_accelerator, prepare_run_dir, set_seed
-from align.trainer import Stage, fit
+from align.trainer import Stage, check_schedule, fit, supervised_plan
 
 NORMALIZATION_FILE = "align_reward.json"
 
 
-def load_pairs(cfg: RMConfig, tokenizer: Any) -> tuple[list, list, str]:
+def read_pair_records(cfg: RMConfig) -> tuple[list[D.Record], list[D.Record]]:
+    """Read the train (and validation) pairs and check every one; also the `normalize_with` file,
+    which is only used after training but must not fail then."""
     d = cfg.data
     records = D.read_records(d.train, d.split, d.max_samples)
     if D.detect_format(records, d.format) != "preference":
@@ -40,6 +42,21 @@ def load_pairs(cfg: RMConfig, tokenizer: Any) -> tuple[list, list, str]:
         D.validate_records(val_records, "preference")
     else:
         records, val_records = D.split_validation(records, d.val_fraction, cfg.seed)
+    if cfg.normalize_with:
+        if not Path(cfg.normalize_with).is_file():
+            raise AlignError(f"config key 'normalize_with': file '{cfg.normalize_with}' does not exist")
+        norm = D.read_records(cfg.normalize_with)
+        fmt = D.detect_format(norm)
+        if fmt == "preference":
+            raise AlignError(f"{norm[0].where}: config key 'normalize_with' needs prompt/response records, "
+                             "not preference pairs")
+        D.validate_records(norm, fmt)
+    return records, val_records
+
+
+def load_pairs(cfg: RMConfig, tokenizer: Any) -> tuple[list, list, str]:
+    d = cfg.data
+    records, val_records = read_pair_records(cfg)
     train, report = D.tokenize_pairs(records, d.prompt_template, tokenizer, d.max_length, d.truncation)
     val = D.tokenize_pairs(val_records, d.prompt_template, tokenizer, d.max_length, d.truncation)[0] if val_records else []
     return train, val, f"train: {report.kept} pairs ({report.dropped} dropped as too long); validation: {len(val)} pairs"
@@ -78,14 +95,23 @@ def normalization_bias(model: ScoreModel, cfg: RMConfig, tokenizer: Any, device:
     return total / len(examples)
 
 
-def train_rm(cfg: RMConfig, resume: bool = False, force: bool = False) -> dict[str, Any]:
+def train_rm(cfg: RMConfig, resume: bool = False, force: bool = False, dry_run: bool = False) -> dict[str, Any]:
+    """Train and return the summary; with `dry_run`, check every input and return the plan instead."""
+    from transformers import AutoModelForSequenceClassification
+
     accelerator = make_accelerator(cfg.train.mixed_precision)
     set_seed(cfg.seed)
-    run = prepare_run_dir(cfg.output_dir, cfg, resume, accelerator.is_main_process, force)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    run = prepare_run_dir(cfg.output_dir, cfg, resume, accelerator.is_main_process, force, dry_run)
+    # Every input is checked before any weight is loaded: model path, tokenizer, every data line, schedule.
+    model_config = inspect_model(cfg.model.path, "model.path", cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path,
+                               key="model.tokenizer" if cfg.model.tokenizer else "model.path")
     train, val, report = load_pairs(cfg, tokenizer)
-    if cfg.normalize_with and not Path(cfg.normalize_with).is_file():
-        raise AlignError(f"config key 'normalize_with': file '{cfg.normalize_with}' does not exist")
+    n_steps, global_batch = check_schedule(cfg.train, len(train), accelerator.num_processes)
+    if dry_run:
+        model_config.num_labels = 1
+        return supervised_plan("rm", cfg, AutoModelForSequenceClassification, model_config, report, n_steps,
+                               global_batch, merged=True)
     ckpt = run.latest_checkpoint() if resume else None
     model = load_score_model(cfg.model, cfg.lora, tokenizer, accelerator.device, ckpt)
 

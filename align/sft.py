@@ -19,14 +19,14 @@ import torch
 from align import data as D
 from align.config import SFTConfig
 from align.errors import AlignError
-from align.modeling import load_tokenizer, load_trainable
+from align.modeling import inspect_model, load_tokenizer, load_trainable
 from align.ops import masked_nll_sum, token_correct
 from align.runtime import make_accelerator, prepare_run_dir, set_seed
-from align.trainer import Stage, fit
+from align.trainer import Stage, check_schedule, fit, supervised_plan
 
 
-def load_sft_examples(cfg: SFTConfig, tokenizer: Any) -> tuple[list[D.Example], list[D.Example], str]:
-    """Read, validate and tokenize the train (and validation) records. Returns a report line."""
+def read_sft_records(cfg: SFTConfig) -> tuple[list[D.Record], list[D.Record], str]:
+    """Read the train (and validation) records and check every one of them: (train, validation, format)."""
     d = cfg.data
     records = D.read_records(d.train, d.split, d.max_samples)
     fmt = D.detect_format(records, d.format)
@@ -35,17 +35,30 @@ def load_sft_examples(cfg: SFTConfig, tokenizer: Any) -> tuple[list[D.Example], 
     D.validate_records(records, fmt)
     if d.validation:
         val_records = D.read_records(d.validation, d.split)
-        D.validate_records(val_records, D.detect_format(val_records, d.format))
+        D.validate_records(val_records, fmt)  # tokenized like train, so it must have train's format
     else:
         records, val_records = D.split_validation(records, d.val_fraction, cfg.seed)
+    return records, val_records, fmt
+
+
+def load_sft_examples(cfg: SFTConfig, tokenizer: Any) -> tuple[list[D.Example], list[D.Example], str]:
+    """Read, validate and tokenize the train (and validation) records. Returns a report line."""
+    d = cfg.data
+    records, val_records, fmt = read_sft_records(cfg)
     train, train_report = D.tokenize_sft(records, fmt, d.prompt_template, tokenizer, d.max_length, d.truncation)
     val, _ = D.tokenize_sft(val_records, fmt, d.prompt_template, tokenizer, d.max_length, d.truncation) if val_records else ([], None)
     return train, val, f"format {fmt}; train: {train_report}; validation: {len(val)} examples"
 
 
 def sft_terms(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Summed NLL over response tokens, their count, and the summed stats to log."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    """Summed NLL over response tokens, their count, and the summed stats to log. A padding-free
+    batch (`data.pack_examples`) goes in with its position ids and no attention mask, from which
+    transformers builds the per-example causal mask. No KV cache: training never reads one back."""
+    if "position_ids" in batch:
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    else:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits  # (B, T, V)
     nll, n = masked_nll_sum(logits, batch["labels"])
     with torch.no_grad():
         correct, _ = token_correct(logits, batch["labels"])
@@ -56,22 +69,32 @@ def with_perplexity(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {**metrics, f"{prefix}/perplexity": math.exp(min(metrics[f"{prefix}/loss"], 50.0))}
 
 
-def train_sft(cfg: SFTConfig, resume: bool = False, force: bool = False) -> dict[str, Any]:
+def train_sft(cfg: SFTConfig, resume: bool = False, force: bool = False, dry_run: bool = False) -> dict[str, Any]:
+    """Train and return the summary; with `dry_run`, check every input and return the plan instead
+    (nothing is loaded but configs and the tokenizer, nothing is written)."""
     from transformers import AutoModelForCausalLM
 
     accelerator = make_accelerator(cfg.train.mixed_precision)
     set_seed(cfg.seed)
-    run = prepare_run_dir(cfg.output_dir, cfg, resume, accelerator.is_main_process, force)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    run = prepare_run_dir(cfg.output_dir, cfg, resume, accelerator.is_main_process, force, dry_run)
+    # Every input is checked before any weight is loaded: model path, tokenizer, every data line, schedule.
+    model_config = inspect_model(cfg.model.path, "model.path", cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path,
+                               key="model.tokenizer" if cfg.model.tokenizer else "model.path")
     train, val, report = load_sft_examples(cfg, tokenizer)
+    n_steps, global_batch = check_schedule(cfg.train, len(train), accelerator.num_processes)
+    if dry_run:
+        return supervised_plan("sft", cfg, AutoModelForCausalLM, model_config, report, n_steps, global_batch,
+                               merged=cfg.lora.merge)
 
     ckpt = run.latest_checkpoint() if resume else None
     model = load_trainable(AutoModelForCausalLM, cfg.model, cfg.lora, tokenizer, accelerator.device, ckpt)
 
     stage = Stage(
         name="sft", terms=sft_terms, derive=with_perplexity, merge_lora=cfg.lora.merge,
-        collate=lambda exs: D.pad_examples(exs, tokenizer.pad_token_id),
+        collate=lambda exs: (D.pack_examples if cfg.train.padding_free else D.pad_examples)(exs, tokenizer.pad_token_id),
         count=lambda b: (b["labels"][:, 1:] != D.IGNORE_INDEX).sum(),
+        tokens=lambda b: int(b["token_mask" if cfg.train.padding_free else "attention_mask"].sum()),
     )
     return fit(stage, t=cfg.train, seed=cfg.seed, run=run, accelerator=accelerator, model=model, tokenizer=tokenizer,
                train_items=train, val_items=val, resume_from=ckpt, report=report)

@@ -28,7 +28,7 @@ import torch
 from align import data as D
 from align.config import TrainConfig
 from align.errors import AlignError
-from align.modeling import count_parameters, save_model
+from align.modeling import count_parameters, parameter_counts, save_model
 from align.runtime import (Checkpointer, MetricsLogger, NonFiniteGuard, RunDir, StopRequest, Stopped, Throughput,
                            finish_model, load_trainer_state, make_optimizer, make_scheduler, peak_memory_mb, progress,
                            rng_state, set_rng_state, write_summary)
@@ -57,6 +57,32 @@ def total_steps(t: TrainConfig, n_train: int, global_batch: int) -> int:
     if t.max_steps is not None:
         return t.max_steps
     return max(1, int(t.epochs * (n_train // global_batch)))
+
+
+def check_schedule(t: TrainConfig, n_train: int, world: int) -> tuple[int, int]:
+    """(optimizer steps, global batch) of a run on `n_train` items; checked before any model loads."""
+    global_batch = t.batch_size * t.grad_accum * world
+    if n_train < global_batch:
+        raise AlignError(f"only {n_train} training examples, fewer than one global batch ({global_batch} = "
+                         f"train.batch_size x train.grad_accum x {world} process(es)); lower train.batch_size "
+                         "or train.grad_accum")
+    n_steps = total_steps(t, n_train, global_batch)
+    if t.warmup_steps >= n_steps:
+        raise AlignError(f"config key 'train.warmup_steps' ({t.warmup_steps}) must be shorter than the run "
+                         f"({n_steps} steps of {global_batch} examples)")
+    return n_steps, global_batch
+
+
+def supervised_plan(name: str, cfg: Any, auto_cls: Any, model_config: Any, report: str, n_steps: int,
+                    global_batch: int, merged: bool) -> dict[str, Any]:
+    """What an SFT or reward-model run would do (`--dry-run`). Sizes: float32 weights (4 bytes per
+    parameter, or per adapter parameter with LoRA) plus AdamW's two moments (8 bytes per trained one)."""
+    total, trained = parameter_counts(model_config, auto_cls, cfg.lora, cfg.model.trust_remote_code)
+    saved = 4 * (trained if cfg.lora.enabled else total)
+    return {"stage": name, "output_dir": cfg.output_dir, "model": cfg.model.path,
+            "tokenizer": cfg.model.tokenizer or cfg.model.path, "parameters": total, "trained_parameters": trained,
+            "data": report, "steps": n_steps, "global_batch": global_batch, "checkpoint_bytes": saved + 8 * trained,
+            "final_model_bytes": 4 * total if merged or not cfg.lora.enabled else saved}
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -96,11 +122,7 @@ def fit(stage: Stage, *, t: TrainConfig, seed: int, run: RunDir, accelerator: An
     final model and summary into `run`. Returns the summary."""
     t_start = time.time()
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    global_batch = t.batch_size * t.grad_accum * world
-    n_steps = total_steps(t, len(train_items), global_batch)
-    if t.warmup_steps >= n_steps:
-        raise AlignError(f"config key 'train.warmup_steps' ({t.warmup_steps}) must be shorter than the run "
-                         f"({n_steps} steps of {global_batch} examples)")
+    n_steps, global_batch = check_schedule(t, len(train_items), world)
     batches_per_epoch = len(train_items) // global_batch
     optimizer = make_optimizer(model.parameters(), t.lr, t.weight_decay, t.adam_betas)
     scheduler = make_scheduler(optimizer, t, n_steps)
@@ -188,13 +210,15 @@ def fit(stage: Stage, *, t: TrainConfig, seed: int, run: RunDir, accelerator: An
 
         if state["step"] % t.log_every == 0 or state["step"] == n_steps:
             sums = {k: accelerator.reduce(v, "sum") for k, v in window_sums.items()}
-            metrics = stage.derive(_averages(sums, accelerator.reduce(window_count, "sum"), "train"), "train")
+            # A window of skipped (non-finite) steps only has no training averages to report.
+            metrics = stage.derive(_averages(sums, accelerator.reduce(window_count, "sum"), "train"), "train") \
+                if sums else {}
             metrics.update({"train/grad_norm": float(grad_norm), "train/nonfinite_steps": guard.total,
                             "lr": scheduler.get_last_lr()[0],
                             "epoch": state["step"] * global_batch / len(train_items), **speed.rates(),
                             "peak_memory_mb": peak_memory_mb()})
             logger.log(state["step"], metrics)
-            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}",
+            bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}",
                             **({"val": f"{last_val['val/loss']:.4f}"} if last_val else {}))
             window_sums, window_count = {}, torch.zeros((), device=accelerator.device)
 

@@ -144,3 +144,15 @@ def test_reversed_answers_are_written_least_significant_digit_first(tmp_path):
     assert gold_reward_reversed(["57+68="], ["125"]) == [0.0]
     meta = json.loads((tmp_path / "task.json").read_text())
     assert meta["reverse"] is True and meta["gold_reward"].endswith("gold_reward_reversed")
+
+
+def test_near_miss_pairs_differ_from_the_correct_answer_in_one_digit(tmp_path):
+    from align.tasks.addition import build
+
+    paths = build(tmp_path, seed=1, n_sft=10, n_pref=200, n_prompts=5, n_eval=10, pad=True, reverse=True,
+                  p_near_miss=0.5)
+    rows = [json.loads(line) for line in paths["pref_train"].read_text().splitlines()]
+    one_digit = [r for r in rows if sum(x != y for x, y in zip(r["chosen"], r["rejected"])) == 1
+                 and len(r["chosen"]) == len(r["rejected"])]
+    assert all(r["chosen"] != r["rejected"] for r in rows)
+    assert 0.4 * len(rows) <= len(one_digit) <= len(rows)  # the near misses (and some forget-carry)

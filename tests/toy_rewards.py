@@ -12,3 +12,12 @@ def raises(prompts: list[str], responses: list[str]) -> list[float]:
 
 def wrong_count(prompts: list[str], responses: list[str]) -> list[float]:
     return [0.0] * (len(responses) + 1)
+
+
+def nan_scores(prompts: list[str], responses: list[str]) -> list[float]:
+    return [float("nan")] * len(responses)
+
+
+def char_sum(prompts: list[str], responses: list[str]) -> list[float]:
+    """Sum of the response's character codes: almost never ties, so the best of n is one known response."""
+    return [float(sum(map(ord, r))) for r in responses]

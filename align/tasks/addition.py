@@ -78,6 +78,19 @@ def _written(answer: str, reverse: bool, width: int = 0) -> str:
     return answer[::-1] if reverse else answer
 
 
+def near_miss(answer: str, rng: np.random.Generator) -> str:
+    """`answer` with one digit replaced by a different digit: a wrong answer that looks right.
+
+    Preference pairs made only of (correct, forget-carry) teach a reward model to spot that one
+    flaw; PPO then finds other wrong answers the model never saw and scores high (reward
+    over-optimisation, Gao et al. 2022). Near misses teach it that every digit matters.
+    """
+    i = int(rng.integers(0, len(answer)))
+    digit = int(answer[i])
+    new = (digit + int(rng.integers(1, 10))) % 10
+    return answer[:i] + str(new) + answer[i + 1:]
+
+
 def prompt(a: int, b: int, width: int = 0) -> str:
     """The prompt text of a problem, operands zero-padded to `width` digits."""
     return f"{a:0{width}d}+{b:0{width}d}=" if width else f"{a}+{b}="
@@ -171,13 +184,15 @@ def build(
     p_forget: float = 0.6,
     reverse: bool = False,
     pad: bool = False,
+    p_near_miss: float = 0.0,
 ) -> dict[str, Path]:
     """Generate every split of the task into `out_dir` and return their paths.
 
     Keys and row formats:
       sft_train, sft_val  {"prompt", "response"}  flawed-demonstrator responses
-      pref_train, pref_val {"prompt", "chosen", "rejected"}  carry problems only;
-                          chosen = correct sum, rejected = forget-carry answer
+      pref_train, pref_val {"prompt", "chosen", "rejected"}  chosen = correct sum; rejected =
+                          the forget-carry answer (carry problems), or for a share
+                          `p_near_miss` of pairs (any problem) a one-digit near miss
       prompts             {"prompt"}  PPO training prompts
       eval                {"prompt", "answer"}  held-out, distinct problems, correct answers
     Validation splits hold 10% extra examples (at least one), drawn separately.
@@ -192,6 +207,8 @@ def build(
         raise ValueError(f"n_digits must be in [1, 18], got {n_digits}")
     if not 0.0 <= p_forget <= 1.0:
         raise ValueError(f"p_forget must be in [0, 1], got {p_forget}")
+    if not 0.0 <= p_near_miss <= 1.0:
+        raise ValueError(f"p_near_miss must be in [0, 1], got {p_near_miss}")
     sizes = {"n_sft": n_sft, "n_pref": n_pref, "n_prompts": n_prompts, "n_eval": n_eval}
     for name, size in sizes.items():
         if size < 0:
@@ -242,10 +259,18 @@ def build(
         ]
 
     def pref_rows(rng: np.random.Generator, n: int) -> list[dict[str, str]]:
-        return [
+        n_near = int(round(n * p_near_miss))
+        rows = [
             {"prompt": prompt(a, b, width), "chosen": write(correct(a, b)), "rejected": write(forget_carry(a, b))}
-            for a, b in _draw_pairs(rng, n, n_digits, pref_ok)
+            for a, b in _draw_pairs(rng, n - n_near, n_digits, pref_ok)
         ]
+        rows += [
+            {"prompt": prompt(a, b, width), "chosen": write(correct(a, b)),
+             "rejected": near_miss(write(correct(a, b)), rng)}
+            for a, b in _draw_pairs(rng, n_near, n_digits, train_ok)
+        ]
+        order = rng.permutation(len(rows)).tolist()
+        return [rows[i] for i in order]
 
     splits = {
         "sft_train": sft_rows(sft_rng, n_sft),
@@ -272,6 +297,7 @@ def build(
         "p_forget": p_forget,
         "reverse": reverse,
         "pad": pad,
+        "p_near_miss": p_near_miss,
         "gold_reward": f"align.tasks.addition:{'gold_reward_reversed' if reverse else 'gold_reward'}",
         **sizes,
         "counts": {name: len(rows) for name, rows in splits.items()},

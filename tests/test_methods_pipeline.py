@@ -1,0 +1,58 @@
+"""The multi-method recipe (recipes/addition_all.yaml) in a short version: PPO, DPO, GRPO, RLOO and
+best-of-n from one SFT checkpoint and reward, at one budget; every method's row with its compute."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from align.config import ConfigError
+from align.pipeline import load_recipe, run_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+ALL = REPO / "recipes" / "addition_all.yaml"
+
+SHORT = (
+    "budget_episodes=32", "task.n_sft=400", "task.n_pref=200", "task.n_prompts=64", "task.n_eval=16",
+    "init_model.hidden=32", "init_model.layers=2",
+    "sft.train.epochs=1", "sft.train.batch_size=32", "sft.train.warmup_steps=2", "sft.train.eval_every=5",
+    "rm.train.epochs=1", "rm.train.batch_size=32", "rm.train.warmup_steps=2", "rm.train.eval_every=5",
+    "ppo.ppo.rollout_batch_size=16", "ppo.ppo.mini_batch_size=8", "ppo.ppo.micro_batch_size=8",
+    "ppo.ppo.ppo_epochs=1", "ppo.eval.max_samples=16",
+    "dpo.train.batch_size=16", "dpo.train.warmup_steps=0",
+    "grpo.rl.rollout_batch_size=16", "grpo.rl.num_generations=4", "grpo.rl.micro_batch_size=8",
+    "rloo.rl.rollout_batch_size=16", "rloo.rl.num_generations=4", "rloo.rl.micro_batch_size=8",
+    "eval.best_of=2",
+)
+
+
+def test_budget_is_shared_and_a_contradiction_is_an_error(tmp_path: Path) -> None:
+    plan = load_recipe(str(ALL), (f"output_root={tmp_path}", "budget_episodes=512"))
+    assert plan.stages["ppo"].ppo.total_episodes == 512
+    assert plan.stages["grpo"].rl.total_episodes == plan.stages["rloo"].rl.total_episodes == 512
+    dpo = plan.stages["dpo"].train
+    assert dpo.max_steps * dpo.batch_size * dpo.grad_accum == 512
+    assert plan.stages["eval"].names == ["sft", "sft+ppo", "sft+dpo", "sft+grpo", "sft+rloo"]
+    assert plan.stages["grpo"].reward.model == str(tmp_path / "rm")
+    with pytest.raises(ConfigError, match="budget_episodes"):
+        load_recipe(str(ALL), (f"output_root={tmp_path}", "grpo.rl.total_episodes=64"))
+
+
+def test_short_multi_method_recipe_reports_every_method_with_its_compute(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    run_recipe(str(ALL), (f"output_root={root}", *SHORT))
+    results = json.loads((root / "eval" / "results.json").read_text())
+    rows = {m["name"]: m for m in results["models"]}
+    assert list(rows) == ["sft", "sft (best-of-2)", "sft+ppo", "sft+dpo", "sft+grpo", "sft+rloo"]
+    for name, m in rows.items():
+        assert m["compute"]["wall_time_sec"] > 0 and m["compute"]["tokens"] > 0, name
+        assert "gold_reward" in m["metrics"] and "reward" in m["metrics"], name
+    for stage in ("ppo", "grpo", "rloo"):
+        assert rows[f"sft+{stage}"]["compute"]["stages"] == ["sft", stage]
+        assert json.loads((root / stage / "summary.json").read_text())["episodes"] == 32
+    assert rows["sft (best-of-2)"]["compute"]["episodes"] == 2 * results["n_prompts"]
+    table = (root / "report" / "report.md").read_text()
+    for name in rows:
+        assert name in table, name
