@@ -192,6 +192,8 @@ class RMConfig:
 
     def validate(self) -> None:
         _require(self, ["output_dir", "model.path", "data.train"])
+        if self.train.padding_free:
+            raise ConfigError("config key 'train.padding_free' applies to SFT only; the reward model pads its pairs")
         validate_common(self)
 
 

@@ -22,8 +22,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# ALIGN_SRC: another checkout's root to import align from (before/after comparisons); default this one.
+SRC = os.environ.get("ALIGN_SRC", str(REPO))
+if SRC not in sys.path:
+    sys.path.insert(0, SRC)
 
 SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
 WORDS = "the a cat dog sat ran on under mat log red blue big small quick slow happy sad sun moon".split()

@@ -293,8 +293,8 @@ CASES: dict[str, Callable[[Env], Case]] = {
     "eval_validation_malformed": data_case("eval", [OK, b"{"], lambda p: [f"{p}:2: invalid JSON"], key="validation"),
     "eval_gold_not_importable": config_case("eval", {"gold_reward": "nowhere:gold"}, ["config key 'gold_reward'"]),
 }
-IN_SUBPROCESS = ["malformed_json_line", "reward_function_raises", "sft_data_to_rm", "recipe_later_stage_bad_data",
-                 "eval_duplicate_names"]
+# (test_cli_errors.py runs nine SFT config and data cases in subprocesses already)
+IN_SUBPROCESS = ["reward_function_raises", "sft_data_to_rm", "recipe_later_stage_bad_data"]
 
 
 def check(case: Case, exit_code: int, stdout: str, stderr: str) -> None:

@@ -215,3 +215,13 @@ def test_response_logits_with_logits_to_keep_match_full_logits(tiny_llama: Any, 
     want = full[:, prompt_width - 1:-1].float() / 0.7
     assert got.shape == (4, 12 - prompt_width, 50)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_free_is_refused_where_batches_stay_padded() -> None:
+    from align.config import RMConfig, SFTConfig, from_dict
+    from align.errors import ConfigError
+
+    base = {"output_dir": "x", "model": {"path": "m"}, "data": {"train": "t.jsonl"}, "train": {"padding_free": True}}
+    from_dict(SFTConfig, base).validate()
+    with pytest.raises(ConfigError, match="train.padding_free"):
+        from_dict(RMConfig, base).validate()
