@@ -86,106 +86,45 @@ def init_model_cmd(out_dir: str, hidden: int, layers: int, heads: int, max_posit
     click.echo(f"saved a {layers}-layer, {hidden}-wide Llama-style model and its tokenizer to {path}")
 
 
-@main.command("sft")
-@click.argument("config", type=click.Path(dir_okay=False), required=False)
-@set_option
-@resume_option
-@force_option
-@dry_run_option
-@user_errors
-def sft_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool, dry_run: bool) -> None:
-    """Supervised fine-tuning (masked NLL on response tokens) from a YAML CONFIG."""
-    from align.config import SFTConfig, load_config
-    from align.sft import train_sft
-
-    cfg = load_config(SFTConfig, config, overrides)
-    summary = train_sft(cfg, resume=resume, force=force, dry_run=dry_run)
-    click.echo(plan_text(summary) if dry_run else _summary_line("sft", cfg.output_dir, summary))
-
-
-@main.command("rm")
-@click.argument("config", type=click.Path(dir_okay=False), required=False)
-@set_option
-@resume_option
-@force_option
-@dry_run_option
-@user_errors
-def rm_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool, dry_run: bool) -> None:
-    """Train a reward model on preference pairs (Bradley-Terry) from a YAML CONFIG."""
-    from align.config import RMConfig, load_config
-    from align.rm import train_rm
-
-    cfg = load_config(RMConfig, config, overrides)
-    summary = train_rm(cfg, resume=resume, force=force, dry_run=dry_run)
-    click.echo(plan_text(summary) if dry_run else _summary_line("rm", cfg.output_dir, summary))
+# The training commands differ only in their config class and stage function: each takes a YAML
+# CONFIG with --set / --resume / --force / --dry-run, and prints the summary line (or the plan).
+TRAIN_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "sft": ("SFTConfig", "align.sft:train_sft",
+            "Supervised fine-tuning (masked NLL on response tokens) from a YAML CONFIG."),
+    "rm": ("RMConfig", "align.rm:train_rm",
+           "Train a reward model on preference pairs (Bradley-Terry) from a YAML CONFIG."),
+    "ppo": ("PPOConfig", "align.ppo:train_ppo",
+            "RLHF with PPO from an SFT model and a reward model or function, from a YAML CONFIG."),
+    "dpo": ("DPOStageConfig", "align.dpo:train_dpo",
+            "DPO (TRL's DPOTrainer) from an SFT model on preference pairs, from a YAML CONFIG."),
+    "grpo": ("GRPOStageConfig", "align.grpo:train_grpo",
+             "GRPO (TRL's GRPOTrainer) from an SFT model with PPO's prompts and reward, from a YAML CONFIG."),
+    "rloo": ("RLOOStageConfig", "align.rloo:train_rloo",
+             "RLOO (TRL's RLOOTrainer) from an SFT model with PPO's prompts and reward, from a YAML CONFIG."),
+}
 
 
-@main.command("ppo")
-@click.argument("config", type=click.Path(dir_okay=False), required=False)
-@set_option
-@resume_option
-@force_option
-@dry_run_option
-@user_errors
-def ppo_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool, dry_run: bool) -> None:
-    """RLHF with PPO from an SFT model and a reward model or function, from a YAML CONFIG."""
-    from align.config import PPOConfig, load_config
-    from align.ppo import train_ppo
+def _add_train_command(name: str, config_class: str, target: str, help_text: str) -> None:
+    @main.command(name, help=help_text)
+    @click.argument("config", type=click.Path(dir_okay=False), required=False)
+    @set_option
+    @resume_option
+    @force_option
+    @dry_run_option
+    @user_errors
+    def command(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool, dry_run: bool) -> None:
+        import importlib
 
-    cfg = load_config(PPOConfig, config, overrides)
-    summary = train_ppo(cfg, resume=resume, force=force, dry_run=dry_run)
-    click.echo(plan_text(summary) if dry_run else _summary_line("ppo", cfg.output_dir, summary))
+        from align import config as configs
 
-
-@main.command("dpo")
-@click.argument("config", type=click.Path(dir_okay=False), required=False)
-@set_option
-@resume_option
-@force_option
-@dry_run_option
-@user_errors
-def dpo_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool, dry_run: bool) -> None:
-    """DPO (TRL's DPOTrainer) from an SFT model on preference pairs, from a YAML CONFIG."""
-    from align.config import DPOStageConfig, load_config
-    from align.dpo import train_dpo
-
-    cfg = load_config(DPOStageConfig, config, overrides)
-    summary = train_dpo(cfg, resume=resume, force=force, dry_run=dry_run)
-    click.echo(plan_text(summary) if dry_run else _summary_line("dpo", cfg.output_dir, summary))
+        cfg = configs.load_config(getattr(configs, config_class), config, overrides)
+        module, fn = target.split(":")
+        summary = getattr(importlib.import_module(module), fn)(cfg, resume=resume, force=force, dry_run=dry_run)
+        click.echo(plan_text(summary) if dry_run else _summary_line(name, cfg.output_dir, summary))
 
 
-@main.command("grpo")
-@click.argument("config", type=click.Path(dir_okay=False), required=False)
-@set_option
-@resume_option
-@force_option
-@dry_run_option
-@user_errors
-def grpo_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool, dry_run: bool) -> None:
-    """GRPO (TRL's GRPOTrainer) from an SFT model with PPO's prompts and reward, from a YAML CONFIG."""
-    from align.config import GRPOStageConfig, load_config
-    from align.grpo import train_grpo
-
-    cfg = load_config(GRPOStageConfig, config, overrides)
-    summary = train_grpo(cfg, resume=resume, force=force, dry_run=dry_run)
-    click.echo(plan_text(summary) if dry_run else _summary_line("grpo", cfg.output_dir, summary))
-
-
-@main.command("rloo")
-@click.argument("config", type=click.Path(dir_okay=False), required=False)
-@set_option
-@resume_option
-@force_option
-@dry_run_option
-@user_errors
-def rloo_cmd(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool, dry_run: bool) -> None:
-    """RLOO (TRL's RLOOTrainer) from an SFT model with PPO's prompts and reward, from a YAML CONFIG."""
-    from align.config import RLOOStageConfig, load_config
-    from align.rloo import train_rloo
-
-    cfg = load_config(RLOOStageConfig, config, overrides)
-    summary = train_rloo(cfg, resume=resume, force=force, dry_run=dry_run)
-    click.echo(plan_text(summary) if dry_run else _summary_line("rloo", cfg.output_dir, summary))
+for _name, _spec in TRAIN_COMMANDS.items():
+    _add_train_command(_name, *_spec)
 
 
 @main.command("eval")

@@ -292,14 +292,11 @@ def run_stage(plan: Plan, stage: str) -> None:
 
         evaluate_models(cfg)
     else:
-        train = f"align.{stage}:train_{stage}"
-        module, fn = train.split(":")
-        import importlib
-
+        # Every training stage lives in align/<stage>.py as train_<stage>(cfg, resume=...).
         resume = RunDir(out).latest_checkpoint() is not None
         if resume:
             print(f"run: {stage}: resuming the interrupted run in {out}", flush=True)
-        getattr(importlib.import_module(module), fn)(cfg, resume=resume)
+        getattr(importlib.import_module(f"align.{stage}"), f"train_{stage}")(cfg, resume=resume)
 
 
 def check_recipe(plan: Plan, from_stage: str | None = None) -> list[dict[str, Any]]:

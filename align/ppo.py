@@ -25,7 +25,7 @@ from align import data as D
 from align.bundle import ModelBundle, build_bundle, load_reward_function, call_reward_function
 from align.config import LoraConfig, PPOConfig
 from align.errors import AlignError
-from align.generation import Rollout, decode_responses, sample
+from align.generation import decode_responses, sample
 from align.modeling import count_parameters, inspect_model, load_tokenizer, parameter_counts, save_model
 from align.ops import entropy_from_logits, masked_mean, masked_whiten
 from align.rl import (AdaptiveKLController, FixedKLController, gae, kl_estimate, per_token_rewards, policy_loss,

@@ -21,10 +21,9 @@ import torch
 from align import data as D
 from align.config import RMConfig
 from align.errors import AlignError
-from align.modeling import ScoreModel, inspect_model, last_token_index, load_score_model, load_tokenizer
+from align.modeling import ScoreModel, last_token_index, load_score_model
 from align.rl import bradley_terry_loss
-from align.runtime import make_accelerator, prepare_run_dir, set_seed
-from align.trainer import Stage, check_schedule, fit, supervised_plan
+from align.trainer import Stage, check_schedule, fit, open_stage, supervised_plan
 
 NORMALIZATION_FILE = "align_reward.json"
 
@@ -99,13 +98,8 @@ def train_rm(cfg: RMConfig, resume: bool = False, force: bool = False, dry_run: 
     """Train and return the summary; with `dry_run`, check every input and return the plan instead."""
     from transformers import AutoModelForSequenceClassification
 
-    accelerator = make_accelerator(cfg.train.mixed_precision)
-    set_seed(cfg.seed)
-    run = prepare_run_dir(cfg.output_dir, cfg, resume, accelerator.is_main_process, force, dry_run)
     # Every input is checked before any weight is loaded: model path, tokenizer, every data line, schedule.
-    model_config = inspect_model(cfg.model.path, "model.path", cfg.model.trust_remote_code)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path,
-                               key="model.tokenizer" if cfg.model.tokenizer else "model.path")
+    accelerator, run, model_config, tokenizer = open_stage(cfg, resume, force, dry_run)
     train, val, report = load_pairs(cfg, tokenizer)
     n_steps, global_batch = check_schedule(cfg.train, len(train), accelerator.num_processes)
     if dry_run:

@@ -19,10 +19,9 @@ import torch
 from align import data as D
 from align.config import SFTConfig
 from align.errors import AlignError
-from align.modeling import inspect_model, load_tokenizer, load_trainable
+from align.modeling import load_trainable
 from align.ops import masked_nll_sum, token_correct
-from align.runtime import make_accelerator, prepare_run_dir, set_seed
-from align.trainer import Stage, check_schedule, fit, supervised_plan
+from align.trainer import Stage, check_schedule, fit, open_stage, supervised_plan
 
 
 def read_sft_records(cfg: SFTConfig) -> tuple[list[D.Record], list[D.Record], str]:
@@ -74,13 +73,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False, force: bool = False, dry_run
     (nothing is loaded but configs and the tokenizer, nothing is written)."""
     from transformers import AutoModelForCausalLM
 
-    accelerator = make_accelerator(cfg.train.mixed_precision)
-    set_seed(cfg.seed)
-    run = prepare_run_dir(cfg.output_dir, cfg, resume, accelerator.is_main_process, force, dry_run)
     # Every input is checked before any weight is loaded: model path, tokenizer, every data line, schedule.
-    model_config = inspect_model(cfg.model.path, "model.path", cfg.model.trust_remote_code)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path,
-                               key="model.tokenizer" if cfg.model.tokenizer else "model.path")
+    accelerator, run, model_config, tokenizer = open_stage(cfg, resume, force, dry_run)
     train, val, report = load_sft_examples(cfg, tokenizer)
     n_steps, global_batch = check_schedule(cfg.train, len(train), accelerator.num_processes)
     if dry_run:

@@ -53,6 +53,21 @@ class Stage:
     """Writes stage-specific files into the final model directory before it is renamed into place."""
 
 
+def open_stage(cfg: Any, resume: bool, force: bool, dry_run: bool) -> tuple[Any, RunDir, Any, Any]:
+    """What every supervised stage does first: processes, seed, the checked run directory, the
+    model's config (checked, not loaded) and the tokenizer."""
+    from align.modeling import inspect_model, load_tokenizer
+    from align.runtime import make_accelerator, prepare_run_dir, set_seed
+
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    set_seed(cfg.seed)
+    run = prepare_run_dir(cfg.output_dir, cfg, resume, accelerator.is_main_process, force, dry_run)
+    model_config = inspect_model(cfg.model.path, "model.path", cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path,
+                               key="model.tokenizer" if cfg.model.tokenizer else "model.path")
+    return accelerator, run, model_config, tokenizer
+
+
 def total_steps(t: TrainConfig, n_train: int, global_batch: int) -> int:
     if t.max_steps is not None:
         return t.max_steps

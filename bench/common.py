@@ -153,7 +153,7 @@ class Profiler:
     """`--profile`: cProfile around the timed call, top functions by cumulative and own time to stderr."""
 
     def __init__(self, enabled: bool, out: str | None = None, top: int = 40):
-        self.enabled, self.out, self.top = enabled, out, top
+        self.enabled, self.out, self.top = enabled or bool(out), out, top
 
     def __enter__(self) -> "Profiler":
         if self.enabled:
