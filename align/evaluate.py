@@ -39,25 +39,31 @@ def model_name(path: str) -> str:
 
 
 def lineage_compute(path: str) -> dict[str, Any]:
-    """Compute spent to produce the model at `path`: its run's summary plus, following each run's
-    `model.path`, the runs it started from. Empty for a model that is not an align run."""
-    totals = {"wall_time_sec": 0.0, "tokens": 0, "episodes": 0, "peak_memory_mb": 0.0, "stages": []}
-    run = Path(path).parent if Path(path).name == "model" else Path(path)
-    seen = set()
-    while (run / "summary.json").is_file() and run.resolve() not in seen:
+    """Compute spent to produce the model at `path`: its run's summary plus every run it was built
+    from, following each run's `model.path` (the model it started from) and `reward.model` (the
+    reward model it was trained against: SFT+PPO pays for its reward model too). Each run counts
+    once; stages are listed upstream first. Empty for a model that is not an align run."""
+    totals: dict[str, Any] = {"wall_time_sec": 0.0, "tokens": 0, "episodes": 0, "peak_memory_mb": 0.0, "stages": []}
+    seen: set[Path] = set()
+
+    def visit(p: str) -> None:
+        run = Path(p).parent if Path(p).name == "model" else Path(p)
+        if not (run / "summary.json").is_file() or run.resolve() in seen:
+            return
         seen.add(run.resolve())
+        config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+        for section in ("model", "reward"):
+            upstream = ((config or {}).get(section) or {}).get("path" if section == "model" else "model")
+            if isinstance(upstream, str):
+                visit(upstream)
         summary = json.loads((run / "summary.json").read_text())
         totals["wall_time_sec"] += summary.get("train_time_sec", summary.get("wall_time_sec", 0.0))
         totals["tokens"] += summary.get("tokens_seen", 0) + summary.get("tokens_generated", 0)
         totals["episodes"] += summary.get("episodes", 0)
         totals["peak_memory_mb"] = max(totals["peak_memory_mb"], summary.get("peak_memory_mb", 0.0))
-        totals["stages"].insert(0, summary.get("stage", run.name))
-        config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
-        upstream = ((config or {}).get("model") or {}).get("path")
-        if not upstream:
-            break
-        up = Path(upstream)
-        run = up.parent if up.name == "model" else up
+        totals["stages"].append(summary.get("stage", run.name))
+
+    visit(path)
     return totals
 
 

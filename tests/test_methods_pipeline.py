@@ -50,7 +50,7 @@ def test_short_multi_method_recipe_reports_every_method_with_its_compute(tmp_pat
         assert m["compute"]["wall_time_sec"] > 0 and m["compute"]["tokens"] > 0, name
         assert "gold_reward" in m["metrics"] and "reward" in m["metrics"], name
     for stage in ("ppo", "grpo", "rloo"):
-        assert rows[f"sft+{stage}"]["compute"]["stages"] == ["sft", stage]
+        assert rows[f"sft+{stage}"]["compute"]["stages"] == ["sft", "rm", stage]
         assert json.loads((root / stage / "summary.json").read_text())["episodes"] == 32
     assert rows["sft (best-of-2)"]["compute"]["episodes"] == 2 * results["n_prompts"]
     table = (root / "report" / "report.md").read_text()

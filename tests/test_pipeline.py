@@ -56,7 +56,7 @@ def test_short_default_recipe_runs_every_stage_and_reports(finished: Path):
     for m in results["models"]:
         assert {"gold_reward", "reward", "kl_to_reference", "perplexity", "token_accuracy"} <= set(m["metrics"])
     assert results["models"][0]["metrics"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)  # SFT vs itself
-    assert results["models"][1]["compute"]["stages"] == ["sft", "ppo"]
+    assert results["models"][1]["compute"]["stages"] == ["sft", "rm", "ppo"]  # the reward model is paid for too
     report = (finished / "report" / "report.md").read_text()
     assert "sft+ppo" in report and "gold" in report
     assert (finished / "recipe.yaml").is_file()
