@@ -69,7 +69,7 @@ def best_of_n(model: Any, tokenizer: Any, prompts: list[D.Prompt], reward: Rewar
         rows = [q for q in chunk for _ in range(n)]  # prompt-major: p0 x n, p1 x n, ...
         rollout = sample(model, tokenizer, [q.ids for q in rows], response_length, temperature=temperature)
         texts = decode_responses(tokenizer, rollout)
-        score = reward.scores([q.text for q in rows], texts, rollout, [tokenizer.decode(q.ids) for q in rows]).cpu()
+        score = reward.scores([q.text for q in rows], texts, rollout, [tokenizer.decode(q.ids, skip_special_tokens=True) for q in rows]).cpu()
         score = score.view(len(chunk), n)  # (B, n)
         best = score.argmax(dim=1)  # (B,) argmax returns the first maximal index
         pick = torch.arange(len(chunk)) * n + best  # (B,) row of each kept response

@@ -28,8 +28,8 @@ import torch
 from align.config import LoraConfig, ModelConfig, PPOConfig
 from align.errors import AlignError
 from align.generation import Rollout
-from align.modeling import (ScoreModel, last_token_index, load_pretrained, load_score_model, load_tokenizer,
-                            load_trainable, resolve_model_path)
+from align.modeling import (ScoreModel, disable_dropout, last_token_index, load_pretrained, load_score_model,
+                            load_tokenizer, load_trainable, resolve_model_path)
 from align.ops import selective_log_softmax
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -142,8 +142,11 @@ class Reward:
         else:
             from align.generation import left_pad
 
+            # Prompt texts come without special tokens (the reward tokenizer adds its own); EOS is
+            # appended only to responses that ended, as in the same-vocabulary path.
             eos = self.tokenizer.eos_token or ""
-            texts = [p + r + eos for p, r in zip(policy_prompt_texts, response_texts)]
+            texts = [p + r + (eos if ended else "")
+                     for p, r, ended in zip(policy_prompt_texts, response_texts, rollout.has_eos.tolist())]
             seqs = [self.tokenizer(t, add_special_tokens=True).input_ids for t in texts]
             ids, mask = left_pad(seqs, self.tokenizer.pad_token_id, rollout.input_ids.device)
         run_on = self.device if self.offload else self.home
@@ -208,5 +211,10 @@ def build_bundle(cfg: PPOConfig, tokenizer: Any, device: torch.device, resume_fr
     critic_lora = LoraConfig(**{**cfg.lora.__dict__, "enabled": cfg.critic.lora})
     critic = load_score_model(cfg.model, critic_lora, tokenizer, device,
                               resume_from / "critic" if resume_from is not None else None, path=critic_path)
+    if cfg.model.disable_dropout:
+        # Again after LoRA: peft's lora_dropout layers did not exist when the weights were loaded,
+        # and any dropout makes the old and new log-probs of the first update differ (ratio != 1).
+        disable_dropout(actor)
+        disable_dropout(critic)
     reward = Reward.from_ppo(cfg, tokenizer, device)
     return ModelBundle(actor, critic, reward, reference, cfg.ppo.temperature)

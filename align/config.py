@@ -379,6 +379,9 @@ class PPOConfig:
             ("ppo.keep_checkpoints", p.keep_checkpoints >= 1, "must be >= 1"),
             ("reward.clip", self.reward.clip is None or self.reward.clip > 0, "must be > 0"),
             ("ppo.max_nonfinite_steps", p.max_nonfinite_steps >= 1, "must be >= 1"),
+            # accelerate keeps one GradScaler for all prepared optimizers: with actor and critic
+            # each clipped and stepped, fp16 would unscale twice and fail. bf16 needs no scaler.
+            ("ppo.mixed_precision", p.mixed_precision != "fp16", "fp16 is not supported by PPO's two optimizers; use bf16"),
             ("ppo.warn_length_ratio", p.warn_length_ratio > 1, "must be > 1"),
         ]
         for key, ok, why in checks:

@@ -133,7 +133,7 @@ def evaluate_models(cfg: EvalConfig, dry_run: bool = False) -> dict[str, Any]:
                                  device=device) if cfg.reference else None)
     (out / "responses").mkdir(parents=True, exist_ok=True)
     raw = [q.text for q in prompts]
-    texts_in = [tokenizer.decode(q.ids) for q in prompts]
+    texts_in = [tokenizer.decode(q.ids, skip_special_tokens=True) for q in prompts]
     results = []
     for name, path in zip(names, paths):
         model = load_pretrained(AutoModelForCausalLM, ModelConfig(path=path), tokenizer, trainable=False, device=device)

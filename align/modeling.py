@@ -306,8 +306,10 @@ def load_trainable(auto_cls: Any, model_cfg: ModelConfig, lora_cfg: LoraConfig, 
     if resume_from is not None:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, str(resume_from), is_trainable=True)
-    return apply_lora(model, lora_cfg, task_type)
+        model = PeftModel.from_pretrained(model, str(resume_from), is_trainable=True)
+    else:
+        model = apply_lora(model, lora_cfg, task_type)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------

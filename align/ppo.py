@@ -46,7 +46,7 @@ def evaluate(bundle: ModelBundle, actor: Any, tokenizer: Any, prompts: list[D.Pr
         rollout = sample(actor, tokenizer, [q.ids for q in chunk], p.response_length, greedy=True)
         texts = decode_responses(tokenizer, rollout)
         raw = [q.text for q in chunk]
-        scores.append(bundle.reward.scores(raw, texts, rollout, [tokenizer.decode(q.ids) for q in chunk]).cpu())
+        scores.append(bundle.reward.scores(raw, texts, rollout, [tokenizer.decode(q.ids, skip_special_tokens=True) for q in chunk]).cpu())
         if gold is not None:
             golds.append(call_reward_function(gold, cfg.eval.gold_reward, raw, texts))
         lengths.append(rollout.response_mask.sum(1).float().cpu())
@@ -212,7 +212,7 @@ def train_ppo(cfg: PPOConfig, resume: bool = False, force: bool = False, dry_run
             ref_logprobs = bundle.reference_logprobs(rollout, unwrapped_actor)  # (B, R)
             values = bundle.values(critic, rollout) * mask  # (B, R)
             scores = bundle.reward.scores([q.text for q in batch_prompts], responses, rollout,
-                                          [tokenizer.decode(q.ids) for q in batch_prompts])  # (B,)
+                                          [tokenizer.decode(q.ids, skip_special_tokens=True) for q in batch_prompts])  # (B,)
             if cfg.reward.missing_eos_penalty is not None:
                 scores = torch.where(rollout.has_eos, scores, scores - cfg.reward.missing_eos_penalty)
             if cfg.reward.clip is not None:

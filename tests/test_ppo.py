@@ -204,3 +204,22 @@ def test_ppo_resume_continues_with_the_same_kl_coefficient(sft_model, prompts_fi
     for a, b in zip(reference, resumed):
         for key in ("objective/scores", "objective/kl", "loss/value_avg", "objective/kl_coef"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+def test_lora_dropout_is_off_in_ppo_so_the_first_ratio_is_one(sft_model, prompts_file, tmp_path):
+    """peft adds its lora_dropout layers after the weights load; PPO must switch those off too."""
+    cfg = ppo_config(tmp_path / "ppo", sft_model, prompts_file, memory_mode="lora", **{"lora.dropout": 0.5})
+    bundle, rollout, _ = first_rollout(cfg)
+    with torch.no_grad():
+        old, _ = bundle.policy_logprobs(bundle.actor, rollout)
+    bundle.actor.train()
+    new, _ = bundle.policy_logprobs(bundle.actor, rollout)
+    mask = rollout.response_mask.bool()
+    assert torch.equal(new[mask], old[mask])
+
+
+def test_fp16_is_refused_for_ppo(sft_model, prompts_file, tmp_path):
+    from align.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ppo.mixed_precision"):
+        ppo_config(tmp_path / "ppo", sft_model, prompts_file, **{"ppo.mixed_precision": "fp16"})
