@@ -407,8 +407,9 @@ def pack_examples(examples: list[Example], pad_id: int, max_row_factor: int = 3)
     item count equal `pad_examples'`.
 
     Packing: for each row count R, longest-first onto the emptiest row (balanced rows); the R with
-    the fewest padded slots R x W wins, rows no wider than `max_row_factor` x the longest example
-    (attention's cost grows with the row width, the linear layers' with R x W only).
+    the fewest slots R x W wins (ties: the narrowest), rows no wider than `max_row_factor` x the
+    longest example (attention's cost grows with the row width, the linear layers' with R x W only;
+    examples of equal length therefore stay one per row).
     """
     lengths = [len(e.input_ids) for e in examples]
     order = sorted(range(len(examples)), key=lambda i: -lengths[i])
@@ -420,7 +421,7 @@ def pack_examples(examples: list[Example], pad_id: int, max_row_factor: int = 3)
             r = min(range(n_rows), key=fill.__getitem__)
             rows[r].append(i)
             fill[r] += lengths[i]
-        if best is None or n_rows * max(fill) < best[0]:
+        if best is None or n_rows * max(fill) <= best[0]:  # a tie goes to narrower rows: less attention
             best = (n_rows * max(fill), rows, fill)
     _, rows, fill = best
     width = max(fill)
