@@ -137,11 +137,13 @@ class TrainConfig:
     """A step with a non-finite loss or gradient is skipped; this many in a row stop the run."""
     max_eval_batches: int | None = None
     """Cap on validation batches per evaluation (None: the whole validation set)."""
-    padding_free: bool = False
+    padding_free: bool | None = None
     """SFT only: pack each micro-batch's examples into rows (position ids restarting per example, no
     padding between them) instead of padding every example to the longest. Same loss, fewer tokens
-    computed when lengths vary. Needs a model whose causal mask honours packed position ids
-    (transformers' `create_causal_mask`: Llama, Mistral, Qwen2, Gemma and most recent ones)."""
+    computed when lengths vary. It needs a model whose attention keeps packed examples apart
+    (transformers' `create_causal_mask`: Llama, Mistral, Qwen2, Gemma, GPT-2 and most others; not
+    OPT or Bloom), which is checked on the loaded model. None: pack when that check passes, else pad;
+    true: pack, and stop if the check fails; false: pad."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,6 +247,10 @@ class PPOLoopConfig:
     """Responses per PPO update (one optimizer step), per process."""
     micro_batch_size: int = 16
     """Responses per forward/backward; mini_batch_size / micro_batch_size is the gradient accumulation."""
+    fuse_scoring: bool = True
+    """When one forward covers the rollout (mini_batch_size and micro_batch_size >= rollout_batch_size),
+    take the old log-probs and values from the first update's forward rather than a separate pass:
+    the weights have not changed yet, so the numbers are the same, and a step does two fewer forwards."""
     ppo_epochs: int = 4
     """Passes over each rollout batch, reshuffled each time."""
     response_length: int = 32

@@ -197,6 +197,35 @@ def disable_dropout(model: nn.Module) -> None:
             setattr(model.config, key, 0.0)
 
 
+@torch.no_grad()
+def packs_exactly(model: nn.Module) -> bool:
+    """Whether `model` keeps examples packed into one row apart when given only position ids that
+    restart per example (what `train.padding_free` relies on): the logits of a second example packed
+    behind a first must equal its logits alone. Tested on the model itself, because it depends on the
+    architecture and attention implementation: transformers' `create_causal_mask` models (Llama,
+    Qwen2, Mistral, GPT-2, GPT-NeoX, Phi...) pass; OPT and Bloom, say, attend across examples."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().num_embeddings
+    first, second = torch.randint(0, vocab, (5,), generator=g), torch.randint(0, vocab, (7,), generator=g)
+    try:
+        packed = model(input_ids=torch.cat([first, second])[None].to(device), use_cache=False,
+                       position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None].to(device)).logits[0, 5:]
+        alone = model(input_ids=second[None].to(device), position_ids=torch.arange(7)[None].to(device),
+                      use_cache=False).logits[0]
+    except (TypeError, ValueError):  # no position_ids argument, or no mask without an attention mask
+        return False
+    finally:
+        model.train(was_training)
+    packed, alone = packed.float(), alone.float()
+    # float32 agrees to rounding (~1e-7 relative); bf16/fp16 differ by rounding between the two
+    # shapes, while attention across examples moves logits by a sizeable fraction of their scale.
+    tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
+    return bool((packed - alone).abs().max() <= tolerance * alone.abs().max().clamp(min=1.0))
+
+
 def apply_lora(model: nn.Module, cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> nn.Module:
     """Wrap `model` in a peft LoRA adapter. `target: all` is peft's `all-linear` (every linear layer
     except the output head); for a sequence classifier the score head is trained in full."""

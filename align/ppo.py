@@ -3,7 +3,8 @@
 
 1. rollout: the actor samples a response per prompt (KV cache, batched, left padding);
 2. truncate after the first EOS; a response without EOS gets `reward.missing_eos_penalty`;
-3. score without grad: reward per sequence, reference and old actor log-probs and values per token;
+3. score without grad: reward per sequence, reference and old actor log-probs and values per token
+   (the last two from the first update's forward when one forward covers the rollout);
 4. per-token reward r_t = -beta * kl_t, plus the score on the last response token;
 5. GAE(gamma, lambda) over response tokens, returns = advantages + values; whiten advantages;
 6. ppo_epochs x shuffled minibatches: clipped policy loss + vf_coef x clipped value loss
@@ -23,7 +24,7 @@ import torch
 
 from align import data as D
 from align.bundle import ModelBundle, build_bundle, load_reward_function, call_reward_function
-from align.config import LoraConfig, PPOConfig
+from align.config import LoraConfig, PPOConfig, PPOLoopConfig
 from align.errors import AlignError
 from align.generation import decode_responses, sample
 from align.modeling import count_parameters, inspect_model, load_tokenizer, parameter_counts, save_model
@@ -117,6 +118,29 @@ def ppo_plan(cfg: PPOConfig, found: dict[str, Any], data: str, n_steps: int, glo
             "final_model_bytes": 4 * (a_trained if lora and not cfg.lora.merge else a_total)}
 
 
+def rollout_targets(p: PPOLoopConfig, whiten_rewards: bool, beta: float, logprobs: torch.Tensor,
+                    ref_logprobs: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
+                    mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Steps 4-5 from the rollout's (B, R) old log-probs, reference log-probs and values and its (B,)
+    scores: the per-token KL and rewards, then GAE advantages (whitened) and returns."""
+    kl = kl_estimate(logprobs, ref_logprobs, p.kl_estimator) * mask
+    rewards, non_score_reward = per_token_rewards(scores, kl, mask, beta)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, values, mask, p.gamma, p.lam)
+    if p.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return {"logprobs": logprobs, "values": values, "kl": kl, "non_score_reward": non_score_reward,
+            "advantages": advantages, "returns": returns}
+
+
+def unshuffle(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Rows computed in shuffled `order` (a permutation of all rows), detached, back in rollout order."""
+    out = torch.empty_like(x, requires_grad=False)
+    out[order] = x.detach()
+    return out
+
+
 def train_ppo(cfg: PPOConfig, resume: bool = False, force: bool = False, dry_run: bool = False) -> dict[str, Any]:
     """Train and return the summary; with `dry_run`, check every input and return the plan instead
     (nothing is loaded but configs and tokenizers, nothing is written)."""
@@ -206,34 +230,30 @@ def train_ppo(cfg: PPOConfig, resume: bool = False, force: bool = False, dry_run
         mask = rollout.response_mask.float()  # (B, R)
         t_rollout = time.time() - t0
 
-        # ---- 3. score: old and reference log-probs, values, rewards; all without grad
+        # ---- 3. score without grad: reward, reference log-probs; old log-probs and values unless
+        # the first update's forward covers the whole rollout (`ppo.fuse_scoring`): that forward runs
+        # on the same weights, so its outputs are those numbers, and two forward passes are saved.
+        B = rollout.response_ids.shape[0]
+        fused = p.fuse_scoring and p.mini_batch_size >= B and p.micro_batch_size >= B
         with torch.no_grad():
-            logprobs, _ = bundle.policy_logprobs(actor, rollout)  # (B, R)
             ref_logprobs = bundle.reference_logprobs(rollout, unwrapped_actor)  # (B, R)
-            values = bundle.values(critic, rollout) * mask  # (B, R)
             scores = bundle.reward.scores([q.text for q in batch_prompts], responses, rollout,
                                           [tokenizer.decode(q.ids, skip_special_tokens=True) for q in batch_prompts])  # (B,)
             if cfg.reward.missing_eos_penalty is not None:
                 scores = torch.where(rollout.has_eos, scores, scores - cfg.reward.missing_eos_penalty)
             if cfg.reward.clip is not None:
                 scores = scores.clamp(-cfg.reward.clip, cfg.reward.clip)
-
-            # ---- 4. per-token rewards: KL penalty on every token, the score on the last
-            kl = kl_estimate(logprobs, ref_logprobs, p.kl_estimator) * mask  # (B, R)
-            rewards, non_score_reward = per_token_rewards(scores, kl, mask, kl_ctl.value)
-            if cfg.reward.whiten:
-                rewards = masked_whiten(rewards, mask, shift_mean=False)
-
-            # ---- 5. advantages and returns
-            advantages, returns = gae(rewards, values, mask, p.gamma, p.lam)
-            if p.whiten_advantages:
-                advantages = masked_whiten(advantages, mask)
+            targets = None
+            if not fused:
+                logprobs, _ = bundle.policy_logprobs(actor, rollout)  # (B, R)
+                values = bundle.values(critic, rollout) * mask  # (B, R)
+                targets = rollout_targets(p, cfg.reward.whiten, kl_ctl.value, logprobs, ref_logprobs, values,
+                                          scores, mask)
 
         # ---- 6. PPO updates: epochs x shuffled minibatches x micro-batches
         t1 = time.time()
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in (
             "approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio", "ratio_var")}
-        B = rollout.response_ids.shape[0]
         skipped = 0
         for _ in range(p.ppo_epochs):
             order = torch.randperm(B, device=device)
@@ -253,8 +273,15 @@ def train_ppo(cfg: PPOConfig, resume: bool = False, force: bool = False, dry_run
                         sub = rollout.select(idx)
                         new_logprobs, logits = bundle.policy_logprobs(actor, sub)
                         vpred = bundle.values(critic, sub)
-                        pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[idx], advantages[idx], mb_mask, p.clip_eps)
-                        vf_loss, vf_stats = value_loss(vpred, values[idx], returns[idx], mb_mask, p.value_clip_eps)
+                        if targets is None:  # fused: the first forward, on the rollout's weights
+                            with torch.no_grad():
+                                targets = rollout_targets(p, cfg.reward.whiten, kl_ctl.value,
+                                                          unshuffle(new_logprobs, idx), ref_logprobs,
+                                                          unshuffle(vpred, idx) * mask, scores, mask)
+                        pg_loss, pg_stats = policy_loss(new_logprobs, targets["logprobs"][idx],
+                                                        targets["advantages"][idx], mb_mask, p.clip_eps)
+                        vf_loss, vf_stats = value_loss(vpred, targets["values"][idx], targets["returns"][idx],
+                                                       mb_mask, p.value_clip_eps)
                         # Without an entropy bonus the entropy is only logged: no graph through a
                         # (B, R, V) softmax for a backward pass that would multiply it by 0.
                         with contextlib.nullcontext() if p.ent_coef else torch.no_grad():
@@ -283,6 +310,7 @@ def train_ppo(cfg: PPOConfig, resume: bool = False, force: bool = False, dry_run
                       f"({guard.in_a_row} step(s) in a row)")
 
         # ---- bookkeeping: KL controller, counters, metrics (named as TRL's, to compare curves)
+        kl, logprobs, non_score_reward = targets["kl"], targets["logprobs"], targets["non_score_reward"]
         mean_kl = accelerator.reduce(kl.sum(1).mean(), "mean")
         beta = kl_ctl.value
         kl_ctl.update(mean_kl.item(), global_batch)

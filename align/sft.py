@@ -19,7 +19,7 @@ import torch
 from align import data as D
 from align.config import SFTConfig
 from align.errors import AlignError
-from align.modeling import load_trainable
+from align.modeling import load_trainable, packs_exactly
 from align.ops import masked_nll_sum, token_correct
 from align.trainer import Stage, check_schedule, fit, open_stage, supervised_plan
 
@@ -83,12 +83,18 @@ def train_sft(cfg: SFTConfig, resume: bool = False, force: bool = False, dry_run
 
     ckpt = run.latest_checkpoint() if resume else None
     model = load_trainable(AutoModelForCausalLM, cfg.model, cfg.lora, tokenizer, accelerator.device, ckpt)
+    packed = cfg.train.padding_free is not False and packs_exactly(model)
+    if cfg.train.padding_free and not packed:
+        raise AlignError(f"config key 'train.padding_free': {cfg.model.path} attends across examples packed into one "
+                         "row, so packing would change the loss; set it to false (or leave it unset)")
+    report += "; batches: " + ("packed (padding-free)" if packed else "padded" + (
+        "" if cfg.train.padding_free is False else " (this model attends across packed examples)"))
 
     stage = Stage(
         name="sft", terms=sft_terms, derive=with_perplexity, merge_lora=cfg.lora.merge,
-        collate=lambda exs: (D.pack_examples if cfg.train.padding_free else D.pad_examples)(exs, tokenizer.pad_token_id),
+        collate=lambda exs: (D.pack_examples if packed else D.pad_examples)(exs, tokenizer.pad_token_id),
         count=lambda b: (b["labels"][:, 1:] != D.IGNORE_INDEX).sum(),
-        tokens=lambda b: int(b["token_mask" if cfg.train.padding_free else "attention_mask"].sum()),
+        tokens=lambda b: int(b["token_mask" if packed else "attention_mask"].sum()),
     )
     return fit(stage, t=cfg.train, seed=cfg.seed, run=run, accelerator=accelerator, model=model, tokenizer=tokenizer,
                train_items=train, val_items=val, resume_from=ckpt, report=report)

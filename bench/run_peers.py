@@ -36,9 +36,9 @@ VENVS = HERE / ".venvs"
 
 BENCHES = {
     # name: (align script and flags, peer venv, peer script and flags, throughput key, quality key)
-    "sft": (["bench_sft.py", "--set", "train.padding_free=true"], ".venv-trl-sft", ["trl_sft.py"], "samples_per_sec",
-            "final_loss"),
-    "sft-padded": (["bench_sft.py"], ".venv-trl-sft", ["trl_sft.py"], "samples_per_sec", "final_loss"),
+    "sft": (["bench_sft.py"], ".venv-trl-sft", ["trl_sft.py"], "samples_per_sec", "final_loss"),
+    "sft-padded": (["bench_sft.py", "--set", "train.padding_free=false"], ".venv-trl-sft", ["trl_sft.py"],
+                   "samples_per_sec", "final_loss"),
     "ppo-full": (["bench_ppo.py"], ".venv-trl-ppo", ["trl_ppo.py"], "episodes_per_sec", "final_score"),
     "ppo-lora": (["bench_ppo.py", "--peft"], ".venv-trl-ppo", ["trl_ppo.py", "--peft"], "episodes_per_sec",
                  "final_score"),
@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sizes", default="64x2,256x4", help="hidden x layers, comma separated")
     ap.add_argument("--benches", default="sft,sft-padded,ppo-full,ppo-lora",
-                    help="sft: align with train.padding_free; sft-padded: align's default padded batches")
+                    help="sft: align's default (padding-free where the model allows); sft-padded: train.padding_free=false")
     ap.add_argument("--align-args", default="", help="extra flags for the align benches, e.g. '--set train.padding_free=true'")
     ap.add_argument("--no-setup", action="store_true")
     ap.add_argument("--timeout", type=float, default=1800)

@@ -225,3 +225,51 @@ def test_padding_free_is_refused_where_batches_stay_padded() -> None:
     from_dict(SFTConfig, base).validate()
     with pytest.raises(ConfigError, match="train.padding_free"):
         from_dict(RMConfig, base).validate()
+
+
+# ----------------------------------------------------------------------------------------------
+# Padding-free by default: a probe on the loaded model decides, so no architecture that attends
+# across packed examples is ever packed
+
+
+@pytest.fixture(scope="module")
+def tiny_opt_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An OPT model (its attention ignores restarting position ids) with the suite's tokenizer."""
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    out = tmp_path_factory.mktemp("opt")
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=128,
+                             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_packs_exactly_tells_apart_models_that_attend_across_examples(tiny_llama: Any, tiny_opt_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from align.modeling import packs_exactly
+
+    tiny_llama.train()
+    assert packs_exactly(tiny_llama)
+    assert tiny_llama.training  # the probe restores the mode it found
+    assert not packs_exactly(AutoModelForCausalLM.from_pretrained(tiny_opt_dir))
+
+
+def test_sft_packs_by_default_only_where_the_probe_passes(make_sft_config: Any, tiny_opt_dir: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    from align.errors import AlignError
+    from align.sft import train_sft
+
+    over = {"train.max_steps": 2, "train.warmup_steps": 0, "train.eval_every": 2}
+    train_sft(make_sft_config(tmp_path / "llama", over))
+    assert "batches: packed (padding-free)" in capsys.readouterr().out
+    train_sft(make_sft_config(tmp_path / "opt", {**over, "model.path": str(tiny_opt_dir)}))
+    assert "batches: padded (this model attends across packed examples)" in capsys.readouterr().out
+    with pytest.raises(AlignError, match="train.padding_free.*attends across examples"):
+        train_sft(make_sft_config(tmp_path / "opt-forced", {**over, "model.path": str(tiny_opt_dir),
+                                                            "train.padding_free": True}))
+    assert not (tmp_path / "opt-forced" / "model").exists()

@@ -223,3 +223,43 @@ def test_fp16_is_refused_for_ppo(sft_model, prompts_file, tmp_path):
 
     with pytest.raises(ConfigError, match="ppo.mixed_precision"):
         ppo_config(tmp_path / "ppo", sft_model, prompts_file, **{"ppo.mixed_precision": "fp16"})
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_fused_scoring_matches_separate_scoring_passes(mode, sft_model, prompts_file, tmp_path, monkeypatch):
+    """`ppo.fuse_scoring` (docs/performance.md): with one forward covering the rollout, the old
+    log-probs and values come from the first update's forward. The run must log the same metrics and
+    end with the same weights as the run with separate no-grad scoring passes, and must really skip
+    those passes (counted)."""
+    from safetensors.torch import load_file
+
+    from align.bundle import ModelBundle
+    from align.ppo import train_ppo
+
+    calls = {"values": 0}
+    original = ModelBundle.values
+
+    def counted(self, critic, rollout):
+        calls["values"] += 1
+        return original(self, critic, rollout)
+
+    monkeypatch.setattr(ModelBundle, "values", counted)
+    runs, counts = {}, {}
+    for fused in (False, True):
+        calls["values"] = 0
+        over = {"memory_mode": mode, "ppo.total_episodes": 48, "ppo.mini_batch_size": 16,
+                "ppo.micro_batch_size": 16, "ppo.fuse_scoring": fused, "ppo.kl_estimator": "k3"}
+        train_ppo(ppo_config(tmp_path / f"run-{fused}", sft_model, prompts_file, **over))
+        runs[fused] = read_metrics(tmp_path / f"run-{fused}" / "metrics.jsonl")
+        counts[fused] = calls["values"]
+    assert counts == {False: 3 * (1 + 2), True: 3 * 2}  # 3 steps x (scoring pass + 2 epochs)
+    assert len(runs[True]) == len(runs[False]) == 3
+    for a, b in zip(runs[False], runs[True]):
+        for key in ("objective/scores", "objective/kl", "objective/entropy", "objective/non_score_reward",
+                    "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "policy/clipfrac_avg",
+                    "val/clipfrac_avg", "val/ratio"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    wa, wb = (load_file(str(next((tmp_path / f"run-{f}" / "model").glob("*.safetensors")))) for f in (False, True))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
