@@ -322,25 +322,32 @@ class TokenizeReport:
         return f"{self.kept} examples ({self.truncated} truncated, {self.dropped} dropped as too long)"
 
 
-def fit_length(ex: Example, max_length: int, policy: str, where: str, report: TokenizeReport) -> Example | None:
-    """Apply the truncation policy to one example; None when it is dropped."""
+def fit_length(ex: Example, max_length: int, policy: str, where: str, report: TokenizeReport,
+               context: int | None = None) -> Example | None:
+    """Apply the truncation policy to one example; None when it is dropped. A kept example longer
+    than the model's `context` (positions) is an error naming its line."""
     if len(ex.input_ids) <= max_length:
-        report.kept += 1
-        return ex
-    if policy == "error":
+        kept = ex
+    elif policy == "error":
         raise DataError([f"{where}: example is {len(ex.input_ids)} tokens, longer than data.max_length "
                          f"({max_length}); raise max_length or set data.truncation to drop or truncate"])
-    if policy == "truncate" and any(ex.loss_mask[:max_length]):
-        report.kept += 1
+    elif policy == "truncate" and any(ex.loss_mask[:max_length]):
+        kept = Example(ex.input_ids[:max_length], ex.loss_mask[:max_length])
         report.truncated += 1
-        return Example(ex.input_ids[:max_length], ex.loss_mask[:max_length])
-    report.dropped += 1
-    return None
+    else:
+        report.dropped += 1
+        return None
+    if context is not None and len(kept.input_ids) > context:
+        raise DataError([f"{where}: example is {len(kept.input_ids)} tokens, longer than the model's context "
+                         f"({context} positions); set data.max_length to {context} or less to drop or truncate it"])
+    report.kept += 1
+    return kept
 
 
 def tokenize_sft(records: list[Record], fmt: str, template: str, tokenizer: Any, max_length: int,
-                 truncation: str) -> tuple[list[Example], TokenizeReport]:
-    """Records -> examples `prompt + response + EOS` with the loss on response and EOS."""
+                 truncation: str, context: int | None = None) -> tuple[list[Example], TokenizeReport]:
+    """Records -> examples `prompt + response + EOS` with the loss on response and EOS; none may
+    exceed the model's `context` (see `fit_length`)."""
     prefix = [] if fmt == "chat" else bos_prefix(tokenizer)
     report = TokenizeReport()
     out, problems = [], []
@@ -350,7 +357,7 @@ def tokenize_sft(records: list[Record], fmt: str, template: str, tokenizer: Any,
                                  prefix=prefix)
             if not any(ex.loss_mask):
                 raise DataError([f"{rec.where}: the response tokenizes to nothing"])
-            fitted = fit_length(ex, max_length, truncation, rec.where, report)
+            fitted = fit_length(ex, max_length, truncation, rec.where, report, context)
         except DataError as e:  # keep going: every bad record of the file is reported together
             problems += e.problems
             continue
@@ -486,7 +493,7 @@ def preference_segments(rec: Record, side: str, template: str, tokenizer: Any) -
 
 
 def tokenize_pairs(records: list[Record], template: str, tokenizer: Any, max_length: int,
-                   truncation: str) -> tuple[list[tuple[Example, Example]], TokenizeReport]:
+                   truncation: str, context: int | None = None) -> tuple[list[tuple[Example, Example]], TokenizeReport]:
     """Records -> (chosen, rejected) examples, each `prompt + answer (+ EOS)`. A pair is dropped
     when either side is dropped, so both sides always see the same prompt."""
     prefix = bos_prefix(tokenizer)
@@ -498,7 +505,7 @@ def tokenize_pairs(records: list[Record], template: str, tokenizer: Any, max_len
                 is_chat = isinstance(rec.fields[side], list)
                 ex = encode_segments(tokenizer, preference_segments(rec, side, template, tokenizer),
                                      add_eos=not is_chat, prefix=[] if is_chat else prefix)
-                sides.append(fit_length(ex, max_length, truncation, rec.where, TokenizeReport()))
+                sides.append(fit_length(ex, max_length, truncation, rec.where, TokenizeReport(), context))
         except DataError as e:  # keep going: every bad record of the file is reported together
             problems += e.problems
             continue
@@ -530,11 +537,13 @@ class Prompt:
 
 
 def load_prompts(source: str, fmt: str, template: str, tokenizer: Any, max_length: int, truncation: str,
-                 split: str = "train", max_samples: int | None = None) -> tuple[list[Prompt], TokenizeReport]:
+                 split: str = "train", max_samples: int | None = None, context: int | None = None,
+                 new_tokens: int = 0) -> tuple[list[Prompt], TokenizeReport]:
     """Read a prompt set: records of any SFT format (the response, if any, is ignored), or
     `{prompt}` alone. Ids are built exactly as in SFT, so the policy sees what it was trained on.
     A prompt longer than `max_length` tokens is dropped, or stops the run (truncation `error`);
-    prompts are never cut, since a cut prompt asks a different question."""
+    prompts are never cut, since a cut prompt asks a different question. A kept prompt that leaves
+    no room for `new_tokens` in the model's `context` is an error naming its line."""
     records, fmt = read_prompt_records(source, fmt, split, max_samples)
     prefix = [] if fmt == "chat" else bos_prefix(tokenizer)
     report, out, problems = TokenizeReport(), [], []
@@ -546,6 +555,11 @@ def load_prompts(source: str, fmt: str, template: str, tokenizer: Any, max_lengt
                 problems.append(f"{rec.where}: prompt is {len(ids)} tokens, longer than data.max_length "
                                 f"({max_length}); raise it or set data.truncation to drop")
             report.dropped += 1
+            continue
+        if context is not None and len(ids) + new_tokens > context:
+            problems.append(f"{rec.where}: prompt is {len(ids)} tokens; with {new_tokens} response tokens it runs past "
+                            f"the model's context ({context} positions); lower data.max_length to "
+                            f"{context - new_tokens} to drop such prompts, or shorten the responses")
             continue
         report.kept += 1
         raw = rec.fields["prompt"] if isinstance(rec.fields.get("prompt"), str) else text

@@ -28,7 +28,7 @@ from align import data as D
 from align.bundle import Reward, call_reward_function, load_reward_function, response_logits
 from align.config import EvalConfig, ModelConfig
 from align.generation import decode_responses, sample
-from align.modeling import inspect_model, load_pretrained, load_tokenizer, resolve_model_path
+from align.modeling import context_length, inspect_model, load_pretrained, load_tokenizer, resolve_model_path
 from align.ops import masked_nll_sum, selective_log_softmax, token_correct
 from align.runtime import atomic_write_text, peak_memory_mb, set_seed
 
@@ -107,8 +107,7 @@ def evaluate_models(cfg: EvalConfig, dry_run: bool = False) -> dict[str, Any]:
     names = cfg.names or [model_name(m) for m in cfg.models]
     if len(set(names)) != len(names):
         raise_duplicate(names)
-    for i, m in enumerate(cfg.models):
-        inspect_model(m, f"models[{i}]")
+    contexts = [context_length(inspect_model(m, f"models[{i}]")) for i, m in enumerate(cfg.models)]
     for key in ("reference", "reward_model"):
         if getattr(cfg, key):
             inspect_model(getattr(cfg, key), key)
@@ -116,7 +115,9 @@ def evaluate_models(cfg: EvalConfig, dry_run: bool = False) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(paths[0], key="models[0]")
     prompts, report = D.load_prompts(cfg.prompts, "auto", cfg.prompt_template, tokenizer, cfg.max_prompt_length,
-                                     "drop", max_samples=cfg.max_samples)
+                                     "drop", max_samples=cfg.max_samples,
+                                     context=min((c for c in contexts if c), default=None),
+                                     new_tokens=cfg.response_length)
     gold = load_reward_function(cfg.gold_reward, "gold_reward") if cfg.gold_reward else None
     if cfg.reward_function:
         load_reward_function(cfg.reward_function, "reward_function")

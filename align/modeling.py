@@ -94,6 +94,15 @@ def inspect_model(path: str, key: str, trust_remote_code: bool = False) -> Any:
         raise AlignError(f"config key '{key}': could not read the model config of '{path}': {_first_line(e)}") from None
 
 
+def context_length(config: Any) -> int | None:
+    """The most positions the model was built for (None when its config does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def parameter_counts(config: Any, auto_cls: Any, lora: LoraConfig | None = None,
                      trust_remote_code: bool = False) -> tuple[int, int]:
     """(total, trained) parameters of `auto_cls.from_config(config)`, built on the meta device (no

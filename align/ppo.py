@@ -27,7 +27,7 @@ from align.bundle import ModelBundle, build_bundle, load_reward_function, call_r
 from align.config import LoraConfig, PPOConfig, PPOLoopConfig
 from align.errors import AlignError
 from align.generation import decode_responses, sample
-from align.modeling import count_parameters, inspect_model, load_tokenizer, parameter_counts, save_model
+from align.modeling import context_length, count_parameters, inspect_model, load_tokenizer, parameter_counts, save_model
 from align.ops import entropy_from_logits, masked_mean, masked_whiten
 from align.rl import (AdaptiveKLController, FixedKLController, gae, kl_estimate, per_token_rewards, policy_loss,
                       value_loss)
@@ -160,10 +160,14 @@ def train_ppo(cfg: PPOConfig, resume: bool = False, force: bool = False, dry_run
         print("ppo: note: the reward model's tokenizer differs from the actor's; responses are decoded and "
               "re-tokenized for it (text bridge)", flush=True)
     d = cfg.data
+    # prompt + response must fit every model that reads them (actor, critic, reward model)
+    context = min((c for c in (context_length(found[k]) for k in ("actor", "critic", "reward") if k in found)
+                   if c is not None), default=None)
     prompts, report = D.load_prompts(d.train, d.format, d.prompt_template, tokenizer, d.max_length, d.truncation,
-                                     d.split, d.max_samples)
+                                     d.split, d.max_samples, context, p.response_length)
     eval_prompts = D.load_prompts(cfg.eval.prompts, d.format, d.prompt_template, tokenizer, d.max_length,
-                                  d.truncation, max_samples=cfg.eval.max_samples)[0] if cfg.eval.prompts else []
+                                  d.truncation, max_samples=cfg.eval.max_samples, context=context,
+                                  new_tokens=p.response_length)[0] if cfg.eval.prompts else []
     gold = load_reward_function(cfg.eval.gold_reward, "eval.gold_reward") if cfg.eval.gold_reward else None
     global_batch = p.rollout_batch_size * world
     n_steps = p.total_episodes // global_batch

@@ -21,7 +21,7 @@ import torch
 from align import data as D
 from align.config import RMConfig
 from align.errors import AlignError
-from align.modeling import ScoreModel, last_token_index, load_score_model
+from align.modeling import ScoreModel, context_length, last_token_index, load_score_model
 from align.rl import bradley_terry_loss
 from align.trainer import Stage, check_schedule, fit, open_stage, supervised_plan
 
@@ -53,11 +53,12 @@ def read_pair_records(cfg: RMConfig) -> tuple[list[D.Record], list[D.Record]]:
     return records, val_records
 
 
-def load_pairs(cfg: RMConfig, tokenizer: Any) -> tuple[list, list, str]:
+def load_pairs(cfg: RMConfig, tokenizer: Any, context: int | None = None) -> tuple[list, list, str]:
     d = cfg.data
     records, val_records = read_pair_records(cfg)
-    train, report = D.tokenize_pairs(records, d.prompt_template, tokenizer, d.max_length, d.truncation)
-    val = D.tokenize_pairs(val_records, d.prompt_template, tokenizer, d.max_length, d.truncation)[0] if val_records else []
+    train, report = D.tokenize_pairs(records, d.prompt_template, tokenizer, d.max_length, d.truncation, context)
+    val = D.tokenize_pairs(val_records, d.prompt_template, tokenizer, d.max_length, d.truncation,
+                           context)[0] if val_records else []
     return train, val, f"train: {report.kept} pairs ({report.dropped} dropped as too long); validation: {len(val)} pairs"
 
 
@@ -100,7 +101,7 @@ def train_rm(cfg: RMConfig, resume: bool = False, force: bool = False, dry_run: 
 
     # Every input is checked before any weight is loaded: model path, tokenizer, every data line, schedule.
     accelerator, run, model_config, tokenizer = open_stage(cfg, resume, force, dry_run)
-    train, val, report = load_pairs(cfg, tokenizer)
+    train, val, report = load_pairs(cfg, tokenizer, context_length(model_config))
     n_steps, global_batch = check_schedule(cfg.train, len(train), accelerator.num_processes)
     if dry_run:
         model_config.num_labels = 1

@@ -19,7 +19,7 @@ import torch
 from align import data as D
 from align.config import SFTConfig
 from align.errors import AlignError
-from align.modeling import load_trainable, packs_exactly
+from align.modeling import context_length, load_trainable, packs_exactly
 from align.ops import masked_nll_sum, token_correct
 from align.trainer import Stage, check_schedule, fit, open_stage, supervised_plan
 
@@ -40,12 +40,16 @@ def read_sft_records(cfg: SFTConfig) -> tuple[list[D.Record], list[D.Record], st
     return records, val_records, fmt
 
 
-def load_sft_examples(cfg: SFTConfig, tokenizer: Any) -> tuple[list[D.Example], list[D.Example], str]:
-    """Read, validate and tokenize the train (and validation) records. Returns a report line."""
+def load_sft_examples(cfg: SFTConfig, tokenizer: Any, context: int | None = None
+                      ) -> tuple[list[D.Example], list[D.Example], str]:
+    """Read, validate and tokenize the train (and validation) records, none longer than the
+    model's `context`. Returns a report line."""
     d = cfg.data
     records, val_records, fmt = read_sft_records(cfg)
-    train, train_report = D.tokenize_sft(records, fmt, d.prompt_template, tokenizer, d.max_length, d.truncation)
-    val, _ = D.tokenize_sft(val_records, fmt, d.prompt_template, tokenizer, d.max_length, d.truncation) if val_records else ([], None)
+    train, train_report = D.tokenize_sft(records, fmt, d.prompt_template, tokenizer, d.max_length, d.truncation,
+                                         context)
+    val, _ = D.tokenize_sft(val_records, fmt, d.prompt_template, tokenizer, d.max_length, d.truncation,
+                            context) if val_records else ([], None)
     return train, val, f"format {fmt}; train: {train_report}; validation: {len(val)} examples"
 
 
@@ -75,7 +79,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, force: bool = False, dry_run
 
     # Every input is checked before any weight is loaded: model path, tokenizer, every data line, schedule.
     accelerator, run, model_config, tokenizer = open_stage(cfg, resume, force, dry_run)
-    train, val, report = load_sft_examples(cfg, tokenizer)
+    train, val, report = load_sft_examples(cfg, tokenizer, context_length(model_config))
     n_steps, global_batch = check_schedule(cfg.train, len(train), accelerator.num_processes)
     if dry_run:
         return supervised_plan("sft", cfg, AutoModelForCausalLM, model_config, report, n_steps, global_batch,

@@ -231,7 +231,7 @@ def train_group_rl(cfg: Any, stage: str, trainer_cls: Any, config_cls: Any, stag
     from align import data as D
     from align.bundle import Reward, load_reward_function
     from align.errors import AlignError
-    from align.modeling import inspect_model, load_pretrained, load_tokenizer, peft_lora_config
+    from align.modeling import context_length, inspect_model, load_pretrained, load_tokenizer, peft_lora_config
     from align.runtime import prepare_run_dir, set_seed
 
     t_start = time.time()
@@ -243,13 +243,14 @@ def train_group_rl(cfg: Any, stage: str, trainer_cls: Any, config_cls: Any, stag
     # ---- inputs checked before any weight is loaded
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path,
                                key="model.tokenizer" if cfg.model.tokenizer else "model.path")
-    inspect_model(cfg.model.path, "model.path", cfg.model.trust_remote_code)
+    contexts = [context_length(inspect_model(cfg.model.path, "model.path", cfg.model.trust_remote_code))]
     if cfg.reward.function:
         load_reward_function(cfg.reward.function, "reward.function")
     else:
-        inspect_model(cfg.reward.model, "reward.model", cfg.model.trust_remote_code)
+        contexts.append(context_length(inspect_model(cfg.reward.model, "reward.model", cfg.model.trust_remote_code)))
     prompts, report = D.load_prompts(d.train, d.format, d.prompt_template, tokenizer, d.max_length, d.truncation,
-                                     d.split, d.max_samples)
+                                     d.split, d.max_samples, min((c for c in contexts if c), default=None),
+                                     r.response_length)
     global_batch = r.rollout_batch_size * state.num_processes
     n_steps = r.total_episodes // global_batch
     if len(prompts) < global_batch // r.num_generations:

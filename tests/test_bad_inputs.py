@@ -136,6 +136,15 @@ def data_case(kind: str, rows: list[Any], expected: Callable[[Path], list[str]],
     return build
 
 
+def context_case(kind: str, rows: list[Any], expected: Callable[[Path], list[str]]) -> Callable[[Env], Case]:
+    """A data case on a model with 64 positions (`other_vocab`), data.max_length far above that."""
+    def build(env: Env) -> Case:
+        path = env.file("data.jsonl", rows)
+        return env.command(kind, {"data.train": str(path), "model.path": str(env.inputs["other_vocab"]),
+                                  "data.max_length": 512}, expected(path))
+    return build
+
+
 def config_case(kind: str, overrides: dict[str, Any], expected: list[str], **kw: Any) -> Callable[[Env], Case]:
     return lambda env: env.command(kind, overrides, expected, **kw)
 
@@ -143,6 +152,7 @@ def config_case(kind: str, overrides: dict[str, Any], expected: list[str], **kw:
 OK = {"prompt": "1+1=", "response": "2"}
 PAIR = {"prompt": "1+1=", "chosen": "2", "rejected": "3"}
 LONG = {"prompt": "1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1=", "response": "16"}
+PAST_CONTEXT = "zq" * 40  # 80 unmerged bytes: past a 64-position model
 
 CASES: dict[str, Callable[[Env], Case]] = {
     # ---- config files and --set
@@ -205,6 +215,9 @@ CASES: dict[str, Callable[[Env], Case]] = {
     "sft_example_longer_than_max_length": data_case(
         "sft", [OK, LONG, OK, LONG], lambda p: [f"{p}:2: example is", f"{p}:4: example is", "data.max_length (16)"],
         data__max_length=16, data__truncation="error"),
+    "sft_example_longer_than_the_context": context_case(
+        "sft", [OK, {"prompt": PAST_CONTEXT, "response": "1"}],
+        lambda p: [f"{p}:2: example is", "longer than the model's context (64 positions)", "data.max_length to 64"]),
     "template_field_missing": data_case("sft", [OK, OK],
                                         lambda p: ["config key 'data.prompt_template'", "{instruction}"],
                                         data__prompt_template="{instruction}="),
@@ -224,6 +237,9 @@ CASES: dict[str, Callable[[Env], Case]] = {
     "rm_pair_longer_than_max_length": data_case(
         "rm", [PAIR, {"prompt": LONG["prompt"], "chosen": "16", "rejected": "15"}],
         lambda p: [f"{p}:2: example is", "data.max_length (16)"], data__max_length=16, data__truncation="error"),
+    "rm_pair_longer_than_the_context": context_case(
+        "rm", [PAIR, {"prompt": PAST_CONTEXT, "chosen": "1", "rejected": "2"}],
+        lambda p: [f"{p}:2: example is", "longer than the model's context (64 positions)"]),
     "normalize_with_missing": lambda env: env.command("rm", {"normalize_with": str(env.tmp / "n.jsonl")},
                                                       ["config key 'normalize_with'", "does not exist"]),
     # checked before training, although it is only read after it
@@ -256,6 +272,9 @@ CASES: dict[str, Callable[[Env], Case]] = {
         "ppo", [{"prompt": "1+1="}] * 8 + [{"prompt": LONG["prompt"]}] * 8,
         lambda p: [f"{p}:9: prompt is", f"{p}:16: prompt is", "data.max_length (12)"],
         data__max_length=12, data__truncation="error"),
+    "ppo_prompt_and_response_past_the_context": context_case(
+        "ppo", [{"prompt": "1+1="}] * 8 + [{"prompt": "zq" * 30}],
+        lambda p: [f"{p}:9: prompt is", "with 4 response tokens it runs past the model's context (64 positions)"]),
     "eval_prompts_malformed": data_case("ppo", [{"prompt": "1+1="}, b"{x"], lambda p: [f"{p}:2: invalid JSON"],
                                         key="eval.prompts"),
     "gold_reward_not_importable": config_case("ppo", {"eval.gold_reward": "toy_rewards:gold"},
