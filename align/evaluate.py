@@ -107,7 +107,7 @@ def evaluate_models(cfg: EvalConfig, dry_run: bool = False) -> dict[str, Any]:
     names = cfg.names or [model_name(m) for m in cfg.models]
     if len(set(names)) != len(names):
         raise_duplicate(names)
-    contexts = [context_length(inspect_model(m, f"models[{i}]")) for i, m in enumerate(cfg.models)]
+    configs = [inspect_model(m, f"models[{i}]") for i, m in enumerate(cfg.models)]
     for key in ("reference", "reward_model"):
         if getattr(cfg, key):
             inspect_model(getattr(cfg, key), key)
@@ -116,7 +116,7 @@ def evaluate_models(cfg: EvalConfig, dry_run: bool = False) -> dict[str, Any]:
     tokenizer = load_tokenizer(paths[0], key="models[0]")
     prompts, report = D.load_prompts(cfg.prompts, "auto", cfg.prompt_template, tokenizer, cfg.max_prompt_length,
                                      "drop", max_samples=cfg.max_samples,
-                                     context=min((c for c in contexts if c), default=None),
+                                     context=context_length(*configs),
                                      new_tokens=cfg.response_length)
     gold = load_reward_function(cfg.gold_reward, "gold_reward") if cfg.gold_reward else None
     if cfg.reward_function:

@@ -94,13 +94,17 @@ def inspect_model(path: str, key: str, trust_remote_code: bool = False) -> Any:
         raise AlignError(f"config key '{key}': could not read the model config of '{path}': {_first_line(e)}") from None
 
 
-def context_length(config: Any) -> int | None:
-    """The most positions the model was built for (None when its config does not say)."""
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+def context_length(*configs: Any) -> int | None:
+    """The most positions every one of these models was built for: the smallest context their
+    configs state (None when none states one)."""
+    found = []
+    for config in configs:
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                found.append(value)
+                break
+    return min(found, default=None)
 
 
 def parameter_counts(config: Any, auto_cls: Any, lora: LoraConfig | None = None,

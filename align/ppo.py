@@ -161,8 +161,7 @@ def train_ppo(cfg: PPOConfig, resume: bool = False, force: bool = False, dry_run
               "re-tokenized for it (text bridge)", flush=True)
     d = cfg.data
     # prompt + response must fit every model that reads them (actor, critic, reward model)
-    context = min((c for c in (context_length(found[k]) for k in ("actor", "critic", "reward") if k in found)
-                   if c is not None), default=None)
+    context = context_length(*(found[k] for k in ("actor", "critic", "reward") if k in found))
     prompts, report = D.load_prompts(d.train, d.format, d.prompt_template, tokenizer, d.max_length, d.truncation,
                                      d.split, d.max_samples, context, p.response_length)
     eval_prompts = D.load_prompts(cfg.eval.prompts, d.format, d.prompt_template, tokenizer, d.max_length,

@@ -243,13 +243,13 @@ def train_group_rl(cfg: Any, stage: str, trainer_cls: Any, config_cls: Any, stag
     # ---- inputs checked before any weight is loaded
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path,
                                key="model.tokenizer" if cfg.model.tokenizer else "model.path")
-    contexts = [context_length(inspect_model(cfg.model.path, "model.path", cfg.model.trust_remote_code))]
+    configs = [inspect_model(cfg.model.path, "model.path", cfg.model.trust_remote_code)]
     if cfg.reward.function:
         load_reward_function(cfg.reward.function, "reward.function")
     else:
-        contexts.append(context_length(inspect_model(cfg.reward.model, "reward.model", cfg.model.trust_remote_code)))
+        configs.append(inspect_model(cfg.reward.model, "reward.model", cfg.model.trust_remote_code))
     prompts, report = D.load_prompts(d.train, d.format, d.prompt_template, tokenizer, d.max_length, d.truncation,
-                                     d.split, d.max_samples, min((c for c in contexts if c), default=None),
+                                     d.split, d.max_samples, context_length(*configs),
                                      r.response_length)
     global_batch = r.rollout_batch_size * state.num_processes
     n_steps = r.total_episodes // global_batch

@@ -344,3 +344,27 @@ def test_global_batches_cover_each_epoch_once_and_drop_the_partial_batch() -> No
     assert len(set(seen)) == 8 and seen == D.epoch_order(10, 3, 0)[:8]
     assert next(batches)[:2] == (1, 0)  # the two left over are dropped, not carried over
     assert D.shard([0, 1, 2, 3, 4, 5, 6, 7], rank=1, world=2) == [4, 5, 6, 7]
+
+
+def test_context_length_is_the_smallest_stated_context() -> None:
+    from types import SimpleNamespace
+
+    from align.modeling import context_length
+
+    llama, gpt2, unknown = (SimpleNamespace(max_position_embeddings=256), SimpleNamespace(n_positions=64),
+                            SimpleNamespace(hidden_size=8))
+    assert context_length(llama) == 256
+    assert context_length(llama, gpt2, unknown) == 64
+    assert context_length(unknown) is None and context_length() is None
+
+
+def test_a_kept_example_past_the_context_is_an_error_but_a_dropped_one_is_not() -> None:
+    from align.data import Example, TokenizeReport, fit_length
+
+    ex = Example(list(range(10)), [0] * 4 + [1] * 6)
+    report = TokenizeReport()
+    assert fit_length(ex, 8, "drop", "f:1", report, context=8) is None  # dropped by max_length first
+    assert fit_length(ex, 12, "drop", "f:2", report, context=12) is ex
+    with pytest.raises(DataError, match=r"f:3: example is 8 tokens, longer than the model's context \(6 positions\)"):
+        fit_length(ex, 8, "truncate", "f:3", report, context=6)
+    assert (report.kept, report.dropped, report.truncated) == (1, 1, 1)
