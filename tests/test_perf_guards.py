@@ -18,18 +18,17 @@ from align.runtime import make_optimizer
 # Batching
 
 
-def pad_examples_reference(examples: list[D.Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """The straightforward collation: one tensor per example written into preallocated rows."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        attention[i, :n] = 1
-        labels[i, :n] = torch.where(torch.tensor(e.loss_mask, dtype=torch.bool), ids[i, :n], IGNORE_INDEX)
-    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+def _bench_refs() -> Any:
+    """bench/refs.py: the straightforward versions `bench/micro.py` times, checked here as they are."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_refs", Path(__file__).resolve().parents[1] / "bench" / "refs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pad_examples_reference = _bench_refs().pad_examples_reference
 
 
 def random_examples(n: int, seed: int, vocab: int = 50, lo: int = 3, hi: int = 20) -> list[D.Example]:
