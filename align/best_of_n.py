@@ -24,12 +24,13 @@ from typing import Any
 import torch
 
 from align import data as D
-from align.bundle import Reward
+from align.reward import Reward
 from align.config import ModelConfig, SampleConfig
 from align.errors import AlignError
 from align.generation import decode_responses, sample
 from align.modeling import load_pretrained, load_tokenizer, resolve_model_path
-from align.runtime import atomic_write_text, set_seed
+from align.rundir import atomic_write_text
+from align.runtime import set_seed
 
 
 @dataclass
@@ -69,7 +70,9 @@ def best_of_n(model: Any, tokenizer: Any, prompts: list[D.Prompt], reward: Rewar
         rows = [q for q in chunk for _ in range(n)]  # prompt-major: p0 x n, p1 x n, ...
         rollout = sample(model, tokenizer, [q.ids for q in rows], response_length, temperature=temperature)
         texts = decode_responses(tokenizer, rollout)
-        score = reward.scores([q.text for q in rows], texts, rollout, [tokenizer.decode(q.ids, skip_special_tokens=True) for q in rows]).cpu()
+        # training scores (align/reward.py): the same shaping as the online methods train on
+        score = reward.training_scores([q.text for q in rows], texts, rollout,
+                                       [tokenizer.decode(q.ids, skip_special_tokens=True) for q in rows])[1].cpu()
         score = score.view(len(chunk), n)  # (B, n)
         best = score.argmax(dim=1)  # (B,) argmax returns the first maximal index
         pick = torch.arange(len(chunk)) * n + best  # (B,) row of each kept response

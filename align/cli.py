@@ -13,6 +13,7 @@ from typing import Any, Callable
 import click
 
 from align.errors import AlignError
+from align.stages import training_stages
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -32,6 +33,9 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo("interrupted", err=True)
             sys.exit(130)
         finally:
+            from align.rundir import release_locks
+
+            release_locks()
             end_process_group()
 
     return wrapper
@@ -86,26 +90,10 @@ def init_model_cmd(out_dir: str, hidden: int, layers: int, heads: int, max_posit
     click.echo(f"saved a {layers}-layer, {hidden}-wide Llama-style model and its tokenizer to {path}")
 
 
-# The training commands differ only in their config class and stage function: each takes a YAML
-# CONFIG with --set / --resume / --force / --dry-run, and prints the summary line (or the plan).
-TRAIN_COMMANDS: dict[str, tuple[str, str, str]] = {
-    "sft": ("SFTConfig", "align.sft:train_sft",
-            "Supervised fine-tuning (masked NLL on response tokens) from a YAML CONFIG."),
-    "rm": ("RMConfig", "align.rm:train_rm",
-           "Train a reward model on preference pairs (Bradley-Terry) from a YAML CONFIG."),
-    "ppo": ("PPOConfig", "align.ppo:train_ppo",
-            "RLHF with PPO from an SFT model and a reward model or function, from a YAML CONFIG."),
-    "dpo": ("DPOStageConfig", "align.dpo:train_dpo",
-            "DPO (TRL's DPOTrainer) from an SFT model on preference pairs, from a YAML CONFIG."),
-    "grpo": ("GRPOStageConfig", "align.grpo:train_grpo",
-             "GRPO (TRL's GRPOTrainer) from an SFT model with PPO's prompts and reward, from a YAML CONFIG."),
-    "rloo": ("RLOOStageConfig", "align.rloo:train_rloo",
-             "RLOO (TRL's RLOOTrainer) from an SFT model with PPO's prompts and reward, from a YAML CONFIG."),
-}
+def _add_train_command(stage: Any) -> None:
+    """`align <stage> CONFIG` with --set / --resume / --force / --dry-run, for a registered stage."""
 
-
-def _add_train_command(name: str, config_class: str, target: str, help_text: str) -> None:
-    @main.command(name, help=help_text)
+    @main.command(stage.name, help=stage.help)
     @click.argument("config", type=click.Path(dir_okay=False), required=False)
     @set_option
     @resume_option
@@ -113,18 +101,15 @@ def _add_train_command(name: str, config_class: str, target: str, help_text: str
     @dry_run_option
     @user_errors
     def command(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool, dry_run: bool) -> None:
-        import importlib
+        from align.config import load_config
 
-        from align import config as configs
-
-        cfg = configs.load_config(getattr(configs, config_class), config, overrides)
-        module, fn = target.split(":")
-        summary = getattr(importlib.import_module(module), fn)(cfg, resume=resume, force=force, dry_run=dry_run)
-        click.echo(plan_text(summary) if dry_run else _summary_line(name, cfg.output_dir, summary))
+        cfg = load_config(stage.config, config, overrides)
+        summary = stage.run(cfg, resume=resume, force=force, dry_run=dry_run)
+        click.echo(plan_text(summary) if dry_run else _summary_line(stage.name, cfg.output_dir, summary))
 
 
-for _name, _spec in TRAIN_COMMANDS.items():
-    _add_train_command(_name, *_spec)
+for _stage in training_stages():
+    _add_train_command(_stage)
 
 
 @main.command("eval")
@@ -139,7 +124,7 @@ def eval_cmd(models: tuple[str, ...], config: str | None, overrides: tuple[str, 
     Unset keys are taken from the first PPO run among MODELS (its eval prompts, reward, gold reward,
     reference and prompt template), so `align eval runs/sft runs/ppo --set output_dir=runs/eval` works.
     """
-    from align.config import EvalConfig, from_dict, read_yaml, parse_override, set_dotted
+    from align.config import EvalConfig, build_config, parse_override, read_yaml, set_dotted
     from align.evaluate import evaluate_models, infer_eval_defaults
 
     data = read_yaml(config) if config else {}
@@ -148,8 +133,7 @@ def eval_cmd(models: tuple[str, ...], config: str | None, overrides: tuple[str, 
     for item in overrides:
         set_dotted(data, *parse_override(item))
     data = {**infer_eval_defaults(data.get("models") or []), **data}
-    cfg = from_dict(EvalConfig, data)
-    cfg.validate()
+    cfg = build_config(EvalConfig, data)
     results = evaluate_models(cfg)
     click.echo(f"eval: wrote {Path(cfg.output_dir) / 'results.json'} ({len(results['models'])} models, "
                f"{results['n_prompts']} prompts)")
@@ -160,17 +144,29 @@ def eval_cmd(models: tuple[str, ...], config: str | None, overrides: tuple[str, 
 @set_option
 @click.option("--from", "from_stage", default=None, metavar="STAGE",
               help="Delete this stage's output and every later stage's, and rerun them.")
+@click.option("--seeds", default=None, metavar="SEEDS",
+              help="Run the whole recipe once per seed (e.g. 0-4 or 0,2,5) under <root>/seed-N/, then compare "
+                   "over seeds; default with --check: the recipe's `seeds`.")
+@click.option("--jobs", default=1, show_default=True, type=int, help="Seeds run at once, as local processes.")
+@click.option("--check", is_flag=True,
+              help="Check the recipe's `expect:` block on the results (over its seeds); exit 1 if one fails.")
 @dry_run_option
 @user_errors
-def run_cmd(recipe: str, overrides: tuple[str, ...], from_stage: str | None, dry_run: bool) -> None:
+def run_cmd(recipe: str, overrides: tuple[str, ...], from_stage: str | None, seeds: str | None, jobs: int,
+            check: bool, dry_run: bool) -> None:
     """Run every stage of a RECIPE in order: complete stages are skipped, interrupted ones resumed."""
-    from align.pipeline import check_recipe, load_recipe, run_recipe
+    from align.pipeline import check_recipe, load_recipe, run_recipe, run_seeds
 
     if dry_run:
         plans = check_recipe(load_recipe(recipe, overrides), from_stage)
         click.echo("\n".join(plan_text(p) for p in plans))
         return
-    run_recipe(recipe, overrides, from_stage)
+    if seeds is None and not check:
+        run_recipe(recipe, overrides, from_stage)
+        return
+    result = run_seeds(recipe, overrides, seeds, jobs, check, from_stage)
+    if check and not result["passed"]:
+        sys.exit(1)
 
 
 def plan_text(plan: dict[str, Any]) -> str:
@@ -240,30 +236,46 @@ def _summary_line(stage: str, output_dir: str, summary: dict[str, Any]) -> str:
 @click.option("--prompt", "prompts", multiple=True, required=True, help="A prompt (repeat for a batch).")
 @click.option("--template", default=None,
               help="Prompt template; defaults to the one in MODEL_PATH's run config, else '{prompt}'.")
+@click.option("--chat", is_flag=True,
+              help="Send each prompt as one user message through the tokenizer's chat template instead.")
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 means greedy decoding.")
 @click.option("--seed", default=0, show_default=True)
 @user_errors
-def generate_cmd(model_path: str, prompts: tuple[str, ...], template: str | None, max_new_tokens: int,
+def generate_cmd(model_path: str, prompts: tuple[str, ...], template: str | None, chat: bool, max_new_tokens: int,
                  temperature: float, seed: int) -> None:
-    """Sample responses from any checkpoint, with the prompt template used in training."""
+    """Sample responses from any checkpoint, with the prompt template used in training, or with
+    --chat the tokenizer's chat template (what a chat-format SFT run trains on).
+
+    Sampling follows these options alone: nothing from the checkpoint's generation_config.json
+    (penalties, top-k/top-p...) applies, so greedy output is the model's argmax."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from align.config import ModelConfig
-    from align.data import apply_template, bos_prefix
+    from align.data import apply_template, bos_prefix, render_chat
     from align.generation import decode_responses, sample
     from align.modeling import load_pretrained, load_tokenizer
 
     if temperature < 0:
         raise AlignError("--temperature must be >= 0")
-    template = template or run_prompt_template(model_path) or "{prompt}"
+    if chat and template is not None:
+        raise AlignError("--chat and --template exclude each other: --chat applies the tokenizer's chat template")
     tokenizer = load_tokenizer(model_path, padding_side="left")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise AlignError(f"--chat: the tokenizer of '{model_path}' has no chat template")
+        # The rendered template carries any BOS itself, as in chat-format training (no prefix).
+        texts = [render_chat(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True, where="--chat")
+                 for p in prompts]
+        prefix: list[int] = []
+    else:
+        template = template or run_prompt_template(model_path) or "{prompt}"
+        texts = [apply_template(template, {"prompt": p}, "--prompt") for p in prompts]
+        prefix = bos_prefix(tokenizer)
     model = load_pretrained(AutoModelForCausalLM, ModelConfig(path=model_path), tokenizer, trainable=False)
     torch.manual_seed(seed)
-    prefix = bos_prefix(tokenizer)
-    ids = [prefix + tokenizer(apply_template(template, {"prompt": p}, "--prompt"), add_special_tokens=False).input_ids
-           for p in prompts]
+    ids = [prefix + tokenizer(text, add_special_tokens=False).input_ids for text in texts]
     rollout = sample(model, tokenizer, ids, max_new_tokens, temperature=temperature or 1.0, greedy=temperature == 0)
     for p, r in zip(prompts, decode_responses(tokenizer, rollout)):
         click.echo(f"{p}{r}" if len(prompts) == 1 else f"--- {p}\n{r}")
@@ -291,7 +303,7 @@ def sample_cmd(model_path: str, prompts: str, best_of: int, out: str, reward_mod
     """Best-of-K rejection sampling: K responses per prompt, the reward's favourite kept, written as
     {prompt, response, score} JSONL (SFT data). Keys: see SampleConfig in docs/configuration.md."""
     from align.best_of_n import run_sample
-    from align.config import SampleConfig, from_dict, parse_override, set_dotted
+    from align.config import SampleConfig, build_config, parse_override, set_dotted
 
     data = {"model": model_path, "prompts": prompts, "best_of": best_of, "out": out, "reward_model": reward_model,
             "reward_function": reward_function, "prompt_template": template or run_prompt_template(model_path),
@@ -299,8 +311,7 @@ def sample_cmd(model_path: str, prompts: str, best_of: int, out: str, reward_mod
             "max_samples": max_samples, "seed": seed}
     for item in overrides:
         set_dotted(data, *parse_override(item))
-    cfg = from_dict(SampleConfig, data)
-    cfg.validate()
+    cfg = build_config(SampleConfig, data)
     s = run_sample(cfg)
     click.echo(f"sample: wrote {s['prompts']} best-of-{s['best_of']} responses to {out} (mean score "
                f"{s['mean_best_score']:.4g} kept vs {s['mean_sample_score']:.4g} per sample; "

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from align.errors import AlignError
-from align.runtime import atomic_write_text, read_metrics
+from align.rundir import atomic_write_text, read_metrics
 
 # (key, column header, what it measures). Metrics not listed here still get a column, after these.
 METRICS: list[tuple[str, str, str]] = [

@@ -1,16 +1,19 @@
 """Typed configuration: one dataclass per command, loaded from YAML with `--set key=value` overrides.
 
-Every YAML key maps one-to-one onto a dataclass field. Loading checks, in order: unknown keys (the
-message names the nearest valid key), types (from the field annotations), then each config's
-`validate()` for impossible values (negative lr, warmup longer than training, LoRA rank 0).
-Every error is an `AlignError` naming the dotted key. The resolved config is frozen after loading
-by convention: stages read it, they never write to it.
+Every YAML key maps one-to-one onto a dataclass field. One loader (`load_config`, `build_config`)
+checks, in order: unknown keys (the message names the nearest valid key, searching nested
+sections too), types (from the field annotations), then `validate()`: every field's declared
+range (`bounded(..., gt=0)` in its metadata; every float must also be finite), each section's
+`problems()` (relations between its own fields) and the command's `check()` (relations across
+sections). Every problem found is reported at once, in one line naming each dotted key. The
+resolved config is frozen after loading by convention: stages read it, they never write to it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +23,39 @@ from typing import Any, Literal
 import yaml
 
 from align.errors import ConfigError
+
+MAX_SEED = 2**32 - 1
+"""numpy's seeds are 32-bit."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric field (None: unbounded on that side); a None value is not checked."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def problem(self, value: Any) -> str | None:
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        for bound, ok, word in ((self.gt, lambda b: value > b, ">"), (self.ge, lambda b: value >= b, ">="),
+                                (self.lt, lambda b: value < b, "<"), (self.le, lambda b: value <= b, "<=")):
+            if bound is not None and not ok(bound):
+                return f"must be {word} {int(bound) if float(bound).is_integer() else f'{bound:g}'}"
+        return None
+
+
+def bounded(default: Any = dataclasses.MISSING, *, gt: float | None = None, ge: float | None = None,
+            lt: float | None = None, le: float | None = None) -> Any:
+    """A dataclass field whose value must lie in a range, declared where the field is."""
+    return field(default=default, metadata={"range": Range(gt, ge, lt, le)})
+
+
+def seed_field(default: int = 42) -> Any:
+    return bounded(default, ge=0, le=MAX_SEED)
+
 
 # ----------------------------------------------------------------------------------------------
 # Sections shared by several commands
@@ -53,17 +89,22 @@ class LoraConfig:
 
     enabled: bool = False
     """Train a LoRA adapter on a frozen base instead of every weight."""
-    r: int = 8
+    r: int = bounded(8, ge=1)
     """Adapter rank."""
-    alpha: int = 16
+    alpha: int = bounded(16, gt=0)
     """Scaling numerator: the adapter's update is multiplied by alpha / r."""
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, ge=0, lt=1)
     """Dropout on the adapter's input (peft's `lora_dropout`)."""
     target: str | list[str] = "all"
     """`all` = every linear layer except the output head (peft's `all-linear`), or module names."""
     merge: bool = False
     """Merge the adapter into the base weights in the final model (a plain causal LM), instead of
     saving the adapter alone."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.target == "all" or (isinstance(self.target, list) and len(self.target) > 0):
+            return []
+        return [("target", f"must be 'all' or a non-empty list of module names (got {self.target!r})")]
 
 
 @dataclass
@@ -74,7 +115,7 @@ class DataConfig:
     """A .json/.jsonl/.csv/.parquet file, or a hub dataset name. Required."""
     validation: str | None = None
     """A validation file; when absent, `val_fraction` of train is held out."""
-    val_fraction: float = 0.05
+    val_fraction: float = bounded(0.05, ge=0, lt=1)
     """Fraction of train records held out for validation when `validation` is not given (chosen by
     a shuffle seeded with `seed`, at least one record); 0 means no validation."""
     split: str = "train"
@@ -84,58 +125,69 @@ class DataConfig:
     prompt_template: str = "{prompt}"
     """Wraps the prompt; may use `{prompt}`, and for Alpaca records `{instruction}` and `{input}`.
     Not used for chat records (the tokenizer's chat template renders those)."""
-    max_length: int = 512
+    max_length: int = bounded(512, ge=2)
     """Longest tokenized example (prompt + response + EOS)."""
     truncation: Literal["drop", "truncate", "error"] = "drop"
     """Over-long examples: drop them, cut the response to fit, or stop with an error. Counted and
     reported either way."""
-    max_samples: int | None = None
+    max_samples: int | None = bounded(None, ge=1)
     """Use only the first N records (for smoke runs)."""
 
 
 @dataclass
-class TrainConfig:
-    """The optimisation loop shared by the SFT and reward-model stages."""
+class OptimizerConfig:
+    """AdamW and its precision, the same keys in every training section (`train`, `ppo`)."""
 
-    epochs: float = 1.0
-    """Passes over the training set; fractions allowed. Steps = epochs x (examples // global
-    batch): each epoch's last partial global batch is skipped."""
-    max_steps: int | None = None
-    """Optimizer steps; overrides `epochs` when set."""
-    batch_size: int = 8
-    """Examples per micro-batch per process."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step. Global batch = batch_size x grad_accum x processes."""
-    lr: float = 2e-5
+    lr: float = bounded(2e-5, gt=0)
     """Peak learning rate of AdamW."""
-    weight_decay: float = 0.0
+    weight_decay: float = bounded(0.0, ge=0)
     """AdamW weight decay, on parameters with 2+ dimensions (weight matrices, embeddings) only;
     biases and norm weights are never decayed."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW's [beta1, beta2]."""
-    warmup_steps: int = 0
-    """Linear warmup, then cosine decay to `min_lr_ratio` x lr."""
-    min_lr_ratio: float = 0.0
-    """The learning rate the cosine decay ends at, as a fraction of `lr`."""
-    max_grad_norm: float = 1.0
-    """Clip the global gradient norm to this before every optimizer step."""
+    max_grad_norm: float = bounded(1.0, gt=0)
+    """Clip the global gradient norm to this before every optimizer step (per model)."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """Compute dtype through accelerate. `auto`: bf16 on a GPU that supports it, else none."""
-    eval_every: int = 50
+
+    def problems(self) -> list[tuple[str, str]]:
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            return [("adam_betas", "must be two numbers in [0, 1)")]
+        return []
+
+
+@dataclass
+class TrainConfig(OptimizerConfig):
+    """The optimisation loop of the supervised stages (SFT, the reward model) and of DPO."""
+
+    epochs: float = bounded(1.0, gt=0)
+    """Passes over the training set; fractions allowed. Steps = epochs x (examples // global
+    batch): each epoch's last partial global batch is skipped."""
+    max_steps: int | None = bounded(None, gt=0)
+    """Optimizer steps; overrides `epochs` when set."""
+    batch_size: int = bounded(8, ge=1)
+    """Examples per micro-batch per process."""
+    grad_accum: int = bounded(1, ge=1)
+    """Micro-batches per optimizer step. Global batch = batch_size x grad_accum x processes."""
+    warmup_steps: int = bounded(0, ge=0)
+    """Linear warmup, then cosine decay to `min_lr_ratio` x lr."""
+    min_lr_ratio: float = bounded(0.0, ge=0, le=1)
+    """The learning rate the cosine decay ends at, as a fraction of `lr`."""
+    eval_every: int = bounded(50, ge=1)
     """Evaluate on the validation set every N optimizer steps, and after the last one."""
-    log_every: int = 10
+    log_every: int = bounded(10, ge=1)
     """Append training metrics (averaged since the last log) to metrics.jsonl every N optimizer
     steps, and after the last one."""
-    save_every: int = 200
+    save_every: int = bounded(200, ge=1)
     """Write a resumable checkpoint every N optimizer steps (none after the last step: the final
     model is written then)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = bounded(2, ge=1)
     """How many of the newest checkpoints to keep; older ones are deleted."""
-    early_stopping_patience: int | None = None
+    early_stopping_patience: int | None = bounded(None, ge=1)
     """Stop after this many evaluations without a new best validation loss."""
-    max_nonfinite_steps: int = 3
+    max_nonfinite_steps: int = bounded(3, ge=1)
     """A step with a non-finite loss or gradient is skipped; this many in a row stop the run."""
-    max_eval_batches: int | None = None
+    max_eval_batches: int | None = bounded(None, ge=1)
     """Cap on validation batches per evaluation (None: the whole validation set)."""
     padding_free: bool | None = None
     """SFT only: pack each micro-batch's examples into rows (position ids restarting per example, no
@@ -145,36 +197,93 @@ class TrainConfig:
     OPT or Bloom), which is checked on the loaded model. None: pack when that check passes, else pad;
     true: pack, and stop if the check fails; false: pad."""
 
+    def problems(self) -> list[tuple[str, str]]:
+        out = super().problems()
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            out.append(("warmup_steps", f"({self.warmup_steps}) must be shorter than train.max_steps ({self.max_steps})"))
+        return out
+
 
 # ----------------------------------------------------------------------------------------------
 # One config per command
 
 
+class Command:
+    """What every command config shares: `validate()`, run by the loader (`build_config`)."""
+
+    def validate(self) -> None:
+        """Every declared range, every section's `problems()`, then `check()`; all problems found
+        are reported together in one ConfigError."""
+        found = _field_problems(self, "")
+        if not found:
+            found = self.check()
+        if found:
+            raise ConfigError("; ".join(found))
+
+    def check(self) -> list[str]:
+        """Relations across sections: one message per problem (`bad(key, why)`, `_require`)."""
+        return []
+
+
+def bad(key: str, why: str) -> str:
+    return f"config key '{key}' {why}"
+
+
+def _field_problems(obj: Any, prefix: str) -> list[str]:
+    """Declared ranges and finiteness of every field, and each section's own `problems()`
+    ((relative key, why) pairs)."""
+    out: list[str] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out += _field_problems(value, f"{key}.")
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            out.append(bad(key, f"must be a finite number (got {value!r})"))
+            continue
+        why = f.metadata.get("range", Range()).problem(value)
+        if why:
+            out.append(bad(key, f"{why} (got {value!r})"))
+    if hasattr(obj, "problems"):
+        out += [bad(f"{prefix}{k}", why) for k, why in obj.problems()]
+    return out
+
+
+def _require(cfg: Any, keys: list[str]) -> list[str]:
+    return [f"missing required config key '{key}'" for key in keys if _get(cfg, key) in ("", None)]
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 @dataclass
-class SFTConfig:
+class SFTConfig(Command):
     """`align sft`: supervised fine-tuning with masked NLL on response tokens."""
 
     output_dir: str = ""
     """Run directory: config.yaml, metrics.jsonl, checkpoints/, model/, summary.json. Required."""
-    seed: int = 42
+    seed: int = seed_field()
     """Seeds python, numpy and torch, the validation hold-out and each epoch's example order."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5))
 
-    def validate(self) -> None:
-        _require(self, ["output_dir", "model.path", "data.train"])
-        validate_common(self)
+    def check(self) -> list[str]:
+        return _require(self, ["output_dir", "model.path", "data.train"])
 
 
 @dataclass
-class RMConfig:
+class RMConfig(Command):
     """`align rm`: a reward model from preference pairs, trained with the Bradley-Terry loss."""
 
     output_dir: str = ""
     """Run directory; the reward model is written to `<output_dir>/model`. Required."""
-    seed: int = 42
+    seed: int = seed_field()
     """Seeds the data order, the validation split and the score head."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The backbone: usually the SFT run directory."""
@@ -192,29 +301,40 @@ class RMConfig:
     of its responses is stored with the model and subtracted at scoring time, so such responses
     score 0 on average. None: no normalisation."""
 
-    def validate(self) -> None:
-        _require(self, ["output_dir", "model.path", "data.train"])
+    def check(self) -> list[str]:
+        out = _require(self, ["output_dir", "model.path", "data.train"])
         if self.train.padding_free:
-            raise ConfigError("config key 'train.padding_free' applies to SFT only; the reward model pads its pairs")
-        validate_common(self)
+            out.append("config key 'train.padding_free' applies to SFT only; the reward model pads its pairs")
+        return out
 
 
 @dataclass
 class CriticConfig:
-    """The trained value model: a scalar head on a backbone, read at every response token."""
+    """The trained value model of PPO (`ppo.estimator: gae`): a scalar head read at every response
+    token. The critic-free methods load none."""
 
     path: str | None = None
     """Backbone to start from: the reward model (the default when `reward.model` is set, as in
     Ouyang et al. 2022) or the SFT model (`model.path`, the default otherwise)."""
-    lr: float = 1e-5
+    lr: float = bounded(1e-5, gt=0)
     """Critic learning rate (its own AdamW and schedule)."""
     lora: bool = False
     """Train the critic through a LoRA adapter (same settings as the actor's `lora` section)."""
+    share_actor: bool = False
+    """A value head on the actor's own trunk instead of a separate critic model (the trlX /
+    LLaMA-Factory design): one forward gives the log-probs and the values, and no second backbone
+    is held or trained. The value loss (x `ppo.vf_coef`) then also trains the actor's trunk; the
+    head has its own AdamW at `critic.lr`. `critic.path` and `critic.lora` do not apply."""
+    warmup_steps: int = bounded(0, ge=0)
+    """Train only the critic for the first N steps (the actor is not updated), so the policy is
+    not steered by an untrained value function's advantages (as in OpenRLHF's
+    `freezing_actor_steps`)."""
 
 
 @dataclass
 class RewardConfig:
-    """The frozen reward: a reward model run, or a Python function."""
+    """The frozen reward: a reward model run, or a Python function; and how raw scores become
+    training scores (align/reward.py: missing-EOS penalty, overlong penalty, then clip)."""
 
     model: str | None = None
     """Reward model path (an `align rm` run directory works). One of `model` or `function`."""
@@ -226,83 +346,114 @@ class RewardConfig:
     """Keep the reward model on CPU and move it to the accelerator only while scoring."""
     normalize: bool = True
     """Subtract the bias stored by `align rm --set normalize_with=...`, if any."""
-    clip: float | None = None
-    """Clip scores to [-clip, clip] before they enter the reward."""
+    clip: float | None = bounded(None, gt=0)
+    """Clip training scores to [-clip, clip] (after the penalties)."""
     whiten: bool = False
-    """Whiten the per-token rewards over the batch before GAE (scale only, mean kept)."""
+    """Whiten the per-token rewards over the batch before GAE (scale only, mean kept; gae only)."""
     missing_eos_penalty: float | None = 1.0
     """Subtracted from the score of a response that ran out of room before EOS (the EOS trick,
     Huang et al. 2024); None disables it."""
+    overlong_buffer: int | None = bounded(None, ge=1)
+    """Soft overlong penalty (DAPO, Yu et al. 2025): over the last N tokens of
+    `ppo.response_length`, a penalty growing linearly from 0 to `overlong_penalty`. None: off."""
+    overlong_penalty: float = bounded(1.0, ge=0)
+    """The largest overlong penalty (at `ppo.response_length` tokens)."""
+
+
+ESTIMATOR_NAMES = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "remax")
+"""The advantage estimators of align/rl.py's registry, for the config's type (tests check the two agree)."""
 
 
 @dataclass
-class PPOLoopConfig:
-    """Rollout and optimisation settings of PPO; names follow the PPO paper and TRL."""
+class PPOLoopConfig(OptimizerConfig):
+    """The loop every online method runs (align/ppo.py): sample a group of responses per prompt,
+    score them, compute advantages with the chosen estimator, then PPO's clipped-ratio updates.
+    Names follow the PPO paper and TRL; the methods differ in `estimator` and where the KL goes."""
 
-    total_episodes: int = 1024
+    estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "remax"] = "gae"
+    """Advantage estimator (align/rl.py): `gae` (PPO, with a critic), `grpo`, `dr_grpo`, `rloo`,
+    `reinforce_pp`, `remax` (critic-free)."""
+    n_samples_per_prompt: int = bounded(1, ge=1)
+    """Responses sampled per prompt (a group); the group estimators need at least 2."""
+    total_episodes: int = bounded(1024, ge=1)
     """Responses to sample over the whole run; steps = total_episodes / (rollout_batch_size x processes)."""
-    rollout_batch_size: int = 64
-    """Prompts sampled per step, per process."""
-    mini_batch_size: int = 16
+    rollout_batch_size: int = bounded(64, ge=1)
+    """Responses sampled per step, per process: rollout_batch_size / n_samples_per_prompt prompts."""
+    mini_batch_size: int = bounded(16, ge=1)
     """Responses per PPO update (one optimizer step), per process."""
-    micro_batch_size: int = 16
+    micro_batch_size: int = bounded(16, ge=1)
     """Responses per forward/backward; mini_batch_size / micro_batch_size is the gradient accumulation."""
     fuse_scoring: bool = True
     """When one forward covers the rollout (mini_batch_size and micro_batch_size >= rollout_batch_size),
     take the old log-probs and values from the first update's forward rather than a separate pass:
     the weights have not changed yet, so the numbers are the same, and a step does two fewer forwards."""
-    ppo_epochs: int = 4
+    ppo_epochs: int = bounded(4, ge=1)
     """Passes over each rollout batch, reshuffled each time."""
-    response_length: int = 32
+    response_length: int = bounded(32, ge=1)
     """Most new tokens per response."""
-    temperature: float = 0.7
+    temperature: float = bounded(0.7, gt=0)
     """Sampling temperature; the same scaling is applied to the logits when scoring."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token estimator of KL(actor || reference) (Schulman, Approximating KL divergence)."""
-    kl_coef: float = 0.05
-    """beta: weight of the KL penalty in the per-token reward (initial value when adaptive)."""
-    kl_target: float | None = None
+    kl_placement: Literal["reward", "loss"] | None = None
+    """Where the KL to the reference goes: `reward` (-kl_coef x kl_t in the per-token reward, as in
+    PPO, RLOO, REINFORCE++, ReMax) or `loss` (kl_coef x kl_t added to the per-token loss, as in
+    GRPO). None: the estimator's default."""
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None
+    """Per-token estimator of KL(actor || reference) (Schulman, Approximating KL divergence). None:
+    k1 in the reward, k3 (GRPO's "low-variance" estimator) in the loss."""
+    kl_coef: float = bounded(0.05, ge=0)
+    """beta: weight of the KL penalty (initial value when adaptive)."""
+    kl_target: float | None = bounded(None, gt=0)
     """Adaptive KL (Ziegler et al. 2019): steer beta so the sequence KL approaches this. None: fixed beta."""
-    kl_horizon: int = 10000
+    kl_horizon: int = bounded(10000, ge=1)
     """Adaptive KL horizon, in episodes."""
-    gamma: float = 1.0
-    """GAE discount factor over response tokens (1: no discounting)."""
-    lam: float = 0.95
+    gamma: float = bounded(1.0, ge=0, le=1)
+    """Discount factor over response tokens (gae, reinforce_pp; 1: no discounting)."""
+    lam: float = bounded(0.95, ge=0, le=1)
     """GAE lambda."""
-    whiten_advantages: bool = True
-    """Whiten advantages over the batch's response tokens."""
-    clip_eps: float = 0.2
-    """Policy ratio clip range."""
-    value_clip_eps: float | None = 0.2
+    whiten_advantages: bool | None = None
+    """Whiten advantages over the batch's response tokens. None: on for gae (PPO), off for the
+    others, whose estimators normalise their own way (reinforce_pp whitens as part of its definition)."""
+    clip_eps: float = bounded(0.2, gt=0)
+    """Policy ratio clip range; the lower one, 1 - clip_eps, when `clip_eps_high` is set."""
+    clip_eps_high: float | None = bounded(None, gt=0)
+    """Clip-higher (DAPO, Yu et al. 2025): the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high].
+    None: symmetric."""
+    clip_c: float | None = bounded(None, gt=1)
+    """Dual clip (Ye et al. 2020): for negative advantages the per-token loss is capped at
+    -clip_c x A. None: off."""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = \
+        "token-mean"
+    """How the (B, T) policy loss is reduced (verl's names): `token-mean` over every response token of
+    the minibatch; `seq-mean-token-mean` per response then over responses (GRPO's paper);
+    `seq-mean-token-sum` sum per response, mean over responses; `seq-mean-token-sum-norm` sum over the
+    minibatch / (responses x response_length) (Dr. GRPO). The same update whatever the micro-batch
+    split and process count."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop groups whose rewards all equal each other (zero advantage, no
+    signal) and sample more prompts until the batch is full (group estimators only)."""
+    max_sampling_rounds: int = bounded(3, ge=1)
+    """With dynamic sampling: the most generate calls per step; a batch still short after them is
+    topped up with dropped groups (logged as `rollout/topped_up_groups`)."""
+    value_clip_eps: float | None = bounded(0.2, gt=0)
     """Value clip range around the rollout's values; None disables value clipping."""
-    vf_coef: float = 0.1
+    vf_coef: float = bounded(0.1, ge=0)
     """Weight of the value loss."""
     ent_coef: float = 0.0
     """Weight of the entropy bonus."""
-    lr: float = 3e-6
-    """Actor learning rate; decays linearly to 0 over the run (as in TRL and CleanRL)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay of actor and critic, on parameters with 2+ dimensions only."""
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """AdamW's [beta1, beta2], for actor and critic."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping, per model."""
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    """Compute dtype through accelerate. `auto`: bf16 on a GPU that supports it, else none."""
-    log_every: int = 1
-    """Append metrics to metrics.jsonl every N PPO steps, and after the last one."""
-    sample_every: int = 10
+    log_every: int = bounded(1, ge=1)
+    """Append metrics to metrics.jsonl every N steps, and after the last one."""
+    sample_every: int = bounded(10, ge=1)
     """Every N steps, log a few prompt/response/score rows (to the console and samples.jsonl)."""
-    samples_logged: int = 4
+    samples_logged: int = bounded(4, ge=0)
     """How many prompt/response/score rows each `sample_every` log holds."""
-    eval_every: int = 20
-    """Every N steps (and at the end), greedy responses on the eval prompts, scored."""
-    save_every: int = 50
-    """Write a resumable checkpoint every N PPO steps (none after the last step: the final model
+    eval_every: int = bounded(20, ge=1)
+    """Every N steps (and at step 0 and the end), greedy responses on the eval prompts, scored."""
+    save_every: int = bounded(50, ge=1)
+    """Write a resumable checkpoint every N steps (none after the last step: the final model
     is written then)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = bounded(2, ge=1)
     """How many of the newest checkpoints to keep; older ones are deleted."""
-    max_nonfinite_steps: int = 3
+    max_nonfinite_steps: int = bounded(3, ge=1)
     """An update with a non-finite loss or gradient is skipped; this many steps in a row stop the run."""
     warn_kl: float = 20.0
     """Warn (and flag `guard/kl_high` in the metrics) when objective/kl exceeds this."""
@@ -310,30 +461,71 @@ class PPOLoopConfig:
     """Warn (`guard/clipfrac_high`) when policy/clipfrac_avg exceeds this: updates too large."""
     warn_value_loss: float = 100.0
     """Warn (`guard/value_loss_high`) when loss/value_avg exceeds this: the critic is lost."""
-    warn_length_ratio: float = 3.0
+    warn_length_ratio: float = bounded(3.0, gt=1)
     """Warn (`guard/length_drift`) when the mean response length falls below 1/ratio or rises
     above ratio times the first step's: a common sign of reward hacking."""
+
+    @property
+    def kl_in_loss(self) -> bool:
+        """Whether the KL goes into the loss (else into the reward), the estimator's default applied."""
+        from align.rl import get_estimator
+
+        return (self.kl_placement or get_estimator(self.estimator).default_kl) == "loss"
+
+    @property
+    def kl_kind(self) -> str:
+        """The KL estimator in use: `kl_estimator`, else k3 in the loss and k1 in the reward."""
+        return self.kl_estimator or ("k3" if self.kl_in_loss else "k1")
+
+    @property
+    def whiten(self) -> bool:
+        return self.whiten_advantages if self.whiten_advantages is not None else self.estimator == "gae"
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = super().problems()
+        n = self.n_samples_per_prompt
+        if self.rollout_batch_size % n:
+            out.append(("rollout_batch_size", f"must be a multiple of ppo.n_samples_per_prompt ({n}) "
+                                              f"(got {self.rollout_batch_size})"))
+        if self.mini_batch_size > self.rollout_batch_size or self.rollout_batch_size % self.mini_batch_size:
+            out.append(("mini_batch_size", f"must divide ppo.rollout_batch_size (got {self.mini_batch_size})"))
+        if self.micro_batch_size > self.mini_batch_size or self.mini_batch_size % self.micro_batch_size:
+            out.append(("micro_batch_size", f"must divide ppo.mini_batch_size (got {self.micro_batch_size})"))
+        if self.total_episodes < self.rollout_batch_size:
+            out.append(("total_episodes", f"must be at least one rollout batch ({self.rollout_batch_size}) "
+                                          f"(got {self.total_episodes})"))
+        # accelerate keeps one GradScaler for all prepared optimizers: with actor and critic each
+        # clipped and stepped, fp16 would unscale twice and fail. bf16 needs no scaler.
+        if self.mixed_precision == "fp16":
+            out.append(("mixed_precision", "fp16 is not supported by the RL loop's optimizers; use bf16 "
+                                           "(got 'fp16')"))
+        return out
 
 
 @dataclass
 class PPOEvalConfig:
-    """The held-out evaluation run during PPO."""
+    """The held-out evaluation run during training: greedy responses on fixed prompts, scored by
+    the learned reward and the gold one, at step 0 and every `ppo.eval_every` steps, logged with
+    the episodes, tokens and time spent so far (curves at matched compute)."""
 
     prompts: str | None = None
     """Eval prompt file; None disables the evaluation hook."""
     gold_reward: str | None = None
     """`module:function` gold reward, reported beside the learned one and never used in training."""
-    max_samples: int | None = 200
+    max_samples: int | None = bounded(200, ge=1)
     """Use only the first N eval prompts (None: all of them)."""
 
 
 @dataclass
-class PPOConfig:
-    """`align ppo`: RLHF with PPO; actor and reference from the SFT model, a critic, a frozen reward."""
+class RLConfig(Command):
+    """An online RL method in align's one loop (align/ppo.py): the policy starts from the SFT model,
+    the reference is the SFT model frozen, the reward a model or function; PPO adds a critic.
+    `align ppo`, `align grpo`, `align dr_grpo`, `align rloo`, `align reinforce_pp` and `align remax`
+    take this config, each with its own defaults (the stage configs below)."""
 
     output_dir: str = ""
-    """Run directory; the actor is written to `<output_dir>/model`. Required."""
-    seed: int = 42
+    """Run directory; the policy is written to `<output_dir>/model`. Required."""
+    seed: int = seed_field()
     """Seeds the prompt order and the sampling."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The SFT model: the actor starts from it and the reference is it, frozen."""
@@ -347,62 +539,95 @@ class PPOConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=256))
     """Prompt set (any SFT format, or `{prompt}`); `max_length` is the longest prompt kept, and
     `prompt_template` must be SFT's so the actor sees what it was trained on."""
-    ppo: PPOLoopConfig = field(default_factory=PPOLoopConfig)
+    ppo: PPOLoopConfig = field(default_factory=lambda: PPOLoopConfig(lr=3e-6))
     eval: PPOEvalConfig = field(default_factory=PPOEvalConfig)
 
-    def validate(self) -> None:
-        _require(self, ["output_dir", "model.path", "data.train"])
+    def check(self) -> list[str]:
+        from align.rl import get_estimator
+
+        out = _require(self, ["output_dir", "model.path", "data.train"])
         if (self.reward.model is None) == (self.reward.function is None):
-            raise ConfigError("set exactly one of config keys 'reward.model' and 'reward.function'")
-        p = self.ppo
-        checks = [
-            ("ppo.total_episodes", p.total_episodes >= 1, "must be >= 1"),
-            ("ppo.rollout_batch_size", p.rollout_batch_size >= 1, "must be >= 1"),
-            ("ppo.mini_batch_size", 1 <= p.mini_batch_size <= p.rollout_batch_size
-             and p.rollout_batch_size % p.mini_batch_size == 0, "must divide ppo.rollout_batch_size"),
-            ("ppo.micro_batch_size", 1 <= p.micro_batch_size <= p.mini_batch_size
-             and p.mini_batch_size % p.micro_batch_size == 0, "must divide ppo.mini_batch_size"),
-            ("ppo.total_episodes", p.total_episodes >= p.rollout_batch_size,
-             f"must be at least one rollout batch ({p.rollout_batch_size})"),
-            ("ppo.ppo_epochs", p.ppo_epochs >= 1, "must be >= 1"),
-            ("ppo.response_length", p.response_length >= 1, "must be >= 1"),
-            ("ppo.temperature", p.temperature > 0, "must be > 0"),
-            ("ppo.kl_coef", p.kl_coef >= 0, "must be >= 0"),
-            ("ppo.kl_target", p.kl_target is None or p.kl_target > 0, "must be > 0"),
-            ("ppo.kl_horizon", p.kl_horizon >= 1, "must be >= 1"),
-            ("ppo.gamma", 0 <= p.gamma <= 1, "must be in [0, 1]"),
-            ("ppo.lam", 0 <= p.lam <= 1, "must be in [0, 1]"),
-            ("ppo.clip_eps", p.clip_eps > 0, "must be > 0"),
-            ("ppo.value_clip_eps", p.value_clip_eps is None or p.value_clip_eps > 0, "must be > 0"),
-            ("ppo.vf_coef", p.vf_coef >= 0, "must be >= 0"),
-            ("ppo.lr", p.lr > 0, "must be > 0"),
-            ("critic.lr", self.critic.lr > 0, "must be > 0"),
-            ("ppo.max_grad_norm", p.max_grad_norm > 0, "must be > 0"),
-            ("ppo.log_every", p.log_every >= 1, "must be >= 1"),
-            ("ppo.sample_every", p.sample_every >= 1, "must be >= 1"),
-            ("ppo.eval_every", p.eval_every >= 1, "must be >= 1"),
-            ("ppo.save_every", p.save_every >= 1, "must be >= 1"),
-            ("ppo.keep_checkpoints", p.keep_checkpoints >= 1, "must be >= 1"),
-            ("reward.clip", self.reward.clip is None or self.reward.clip > 0, "must be > 0"),
-            ("ppo.max_nonfinite_steps", p.max_nonfinite_steps >= 1, "must be >= 1"),
-            # accelerate keeps one GradScaler for all prepared optimizers: with actor and critic
-            # each clipped and stepped, fp16 would unscale twice and fail. bf16 needs no scaler.
-            ("ppo.mixed_precision", p.mixed_precision != "fp16", "fp16 is not supported by PPO's two optimizers; use bf16"),
-            ("ppo.warn_length_ratio", p.warn_length_ratio > 1, "must be > 1"),
-        ]
-        for key, ok, why in checks:
-            if not ok:
-                raise ConfigError(f"config key '{key}' {why} (got {_get(self, key)!r})")
-        validate_common(self)
+            out.append("set exactly one of config keys 'reward.model' and 'reward.function'")
+        p, est = self.ppo, get_estimator(self.ppo.estimator)
+        if est.group and p.n_samples_per_prompt < 2:
+            out.append(bad("ppo.n_samples_per_prompt", f"must be >= 2 for estimator '{p.estimator}' (its baseline is "
+                                                       f"the other responses to the prompt) (got {p.n_samples_per_prompt})"))
+        if p.dynamic_sampling and not est.group:
+            out.append(bad("ppo.dynamic_sampling", f"needs a group estimator (grpo, dr_grpo, rloo), not '{p.estimator}'"))
+        if not est.needs_critic and self.critic.share_actor:
+            out.append(bad("critic.share_actor", f"needs a critic, and estimator '{p.estimator}' has none "
+                                                 "(only gae trains one)"))
+        elif not est.needs_critic and (self.critic.path or self.critic.lora or self.critic.warmup_steps):
+            out.append(f"config section 'critic' applies to estimator gae only (the one with a critic), "
+                       f"not '{p.estimator}'")
+        if self.critic.share_actor and (self.critic.path or self.critic.lora):
+            out.append(bad("critic.share_actor", "puts the value head on the actor: leave critic.path and "
+                                                 "critic.lora unset"))
+        if self.critic.warmup_steps >= p.total_episodes // p.rollout_batch_size:
+            out.append(bad("critic.warmup_steps", f"({self.critic.warmup_steps}) must be shorter than the run"))
+        return out
 
 
 @dataclass
-class EvalConfig:
+class PPOConfig(RLConfig):
+    """`align ppo`: RLHF with PPO (Schulman et al. 2017; Ziegler et al. 2019): GAE advantages from a
+    trained critic, the KL to the reference in the per-token reward."""
+
+
+@dataclass
+class GRPOStageConfig(RLConfig):
+    """`align grpo`: GRPO (Shao et al. 2024): a group of responses per prompt, advantage (r - group
+    mean) / group std on every token, no critic, the KL (k3) in the loss."""
+
+    ppo: PPOLoopConfig = field(default_factory=lambda: PPOLoopConfig(
+        estimator="grpo", n_samples_per_prompt=8, lr=1e-6, ppo_epochs=1, mini_batch_size=64, micro_batch_size=16))
+
+
+@dataclass
+class DrGRPOStageConfig(RLConfig):
+    """`align dr_grpo`: Dr. GRPO (Liu et al. 2025): GRPO without the std division and without the
+    per-response length normalisation (loss summed over tokens / a constant)."""
+
+    ppo: PPOLoopConfig = field(default_factory=lambda: PPOLoopConfig(
+        estimator="dr_grpo", n_samples_per_prompt=8, lr=1e-6, ppo_epochs=1, mini_batch_size=64, micro_batch_size=16,
+        loss_agg="seq-mean-token-sum-norm"))
+
+
+@dataclass
+class RLOOStageConfig(RLConfig):
+    """`align rloo`: REINFORCE Leave-One-Out (Ahmadian et al. 2024): the baseline of each response
+    is the mean reward of the other responses to its prompt; the KL (summed over the response)
+    enters the reward."""
+
+    ppo: PPOLoopConfig = field(default_factory=lambda: PPOLoopConfig(
+        estimator="rloo", n_samples_per_prompt=8, lr=1e-6, ppo_epochs=1, mini_batch_size=64, micro_batch_size=16))
+
+
+@dataclass
+class ReinforcePPStageConfig(RLConfig):
+    """`align reinforce_pp`: REINFORCE++ (Hu 2025): per-token rewards (score at the end, -beta x
+    kl_t per token), returns whitened over the whole batch; no critic, no group."""
+
+    ppo: PPOLoopConfig = field(default_factory=lambda: PPOLoopConfig(
+        estimator="reinforce_pp", lr=1e-6, ppo_epochs=1, mini_batch_size=64, micro_batch_size=16))
+
+
+@dataclass
+class ReMaxStageConfig(RLConfig):
+    """`align remax`: ReMax (Li et al. 2023): the baseline of a sampled response is the reward of
+    the greedy response to the same prompt; no critic."""
+
+    ppo: PPOLoopConfig = field(default_factory=lambda: PPOLoopConfig(
+        estimator="remax", lr=1e-6, ppo_epochs=1, mini_batch_size=64, micro_batch_size=16))
+
+
+@dataclass
+class EvalConfig(Command):
     """`align eval`: the same held-out prompts through several checkpoints, one set of metrics."""
 
     output_dir: str = ""
     """Where `results.json` and each model's `responses/<name>.jsonl` are written. Required."""
-    seed: int = 42
+    seed: int = seed_field()
     """Seeds the sampled responses (KL and the optional sampled scores)."""
     models: list[str] = field(default_factory=list)
     """Checkpoints or run directories to evaluate. Required."""
@@ -414,11 +639,11 @@ class EvalConfig:
     """Held-out prompt file (any prompt format); a gold reward may read an `answer` field. Required."""
     prompt_template: str = "{prompt}"
     """Must be the template the models were trained with."""
-    max_prompt_length: int = 256
+    max_prompt_length: int = bounded(256, ge=1)
     """Prompts longer than this many tokens are left out."""
-    max_samples: int | None = None
+    max_samples: int | None = bounded(None, ge=1)
     """Use only the first N prompts."""
-    response_length: int = 32
+    response_length: int = bounded(32, ge=1)
     """Most new tokens per response."""
     reward_model: str | None = None
     """The learned reward (an `align rm` run)."""
@@ -428,52 +653,43 @@ class EvalConfig:
     """`module:function` gold reward, when the task has one."""
     validation: str | None = None
     """SFT validation file (prompt/response records) for perplexity and token accuracy."""
-    kl_temperature: float = 1.0
+    kl_temperature: float = bounded(1.0, gt=0)
     """Temperature of the samples the KL to the reference is estimated on (1: the policy itself)."""
     sampled: bool = False
     """Also score one temperature-`kl_temperature` sample per prompt (besides the greedy response)."""
-    batch_size: int = 64
+    batch_size: int = bounded(64, ge=1)
     """Prompts generated for (and validation examples scored) per batch."""
-    max_length: int = 512
+    max_length: int = bounded(512, ge=2)
     """Longest validation example (tokens)."""
-    best_of: int | None = None
+    best_of: int | None = bounded(None, ge=1)
     """Also evaluate best-of-n with this n: for each model named in `best_of_models`, sample n
     responses per prompt at `best_of_temperature`, keep the one the learned reward prefers, and
     report it as a row `<name> (best-of-<n>)` with its sampling cost. Needs a learned reward."""
     best_of_models: list[str] | None = None
     """Names (see `names`) of the models to evaluate with best-of-n; default: the first model."""
-    best_of_temperature: float = 1.0
+    best_of_temperature: float = bounded(1.0, gt=0)
     """Sampling temperature of the best-of-n candidates."""
 
-    def validate(self) -> None:
-        _require(self, ["output_dir", "prompts"])
+    def check(self) -> list[str]:
+        out = _require(self, ["output_dir", "prompts"])
         if not self.models:
-            raise ConfigError("missing required config key 'models' (the checkpoints to evaluate)")
+            out.append("missing required config key 'models' (the checkpoints to evaluate)")
         if self.names is not None and len(self.names) != len(self.models):
-            raise ConfigError(f"config key 'names' has {len(self.names)} names for {len(self.models)} models")
+            out.append(f"config key 'names' has {len(self.names)} names for {len(self.models)} models")
         if self.reward_model and self.reward_function:
-            raise ConfigError("set at most one of config keys 'reward_model' and 'reward_function'")
-        checks = [("response_length", self.response_length >= 1, "must be >= 1"),
-                  ("batch_size", self.batch_size >= 1, "must be >= 1"),
-                  ("kl_temperature", self.kl_temperature > 0, "must be > 0"),
-                  ("max_samples", self.max_samples is None or self.max_samples >= 1, "must be >= 1"),
-                  ("best_of", self.best_of is None or self.best_of >= 1, "must be >= 1"),
-                  ("best_of_temperature", self.best_of_temperature > 0, "must be > 0")]
-        for key, ok, why in checks:
-            if not ok:
-                raise ConfigError(f"config key '{key}' {why} (got {_get(self, key)!r})")
+            out.append("set at most one of config keys 'reward_model' and 'reward_function'")
         if self.best_of is not None and not (self.reward_model or self.reward_function):
-            raise ConfigError("config key 'best_of' needs a reward to choose with: set 'reward_model' or "
-                              "'reward_function'")
+            out.append("config key 'best_of' needs a reward to choose with: set 'reward_model' or 'reward_function'")
         names = self.names or [Path(m).parent.name if Path(m).name == "model" else Path(m).name for m in self.models]
         for name in self.best_of_models or []:
             if name not in names:
-                raise ConfigError(f"config key 'best_of_models' names '{name}', which is not one of the models "
-                                  f"({', '.join(names)})")
+                out.append(f"config key 'best_of_models' names '{name}', which is not one of the models "
+                           f"({', '.join(names)})")
+        return out
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(Command):
     """`align sample`: rejection-sampled data. For each prompt, sample `best_of` responses and keep
     the one the reward prefers; write `{prompt, response, score}` JSONL, usable as SFT data."""
 
@@ -483,7 +699,7 @@ class SampleConfig:
     """Prompt file (any prompt format). Required."""
     out: str = ""
     """The JSONL file to write; must not exist yet. Required."""
-    best_of: int = 4
+    best_of: int = bounded(4, ge=1)
     """K: responses sampled per prompt."""
     reward_model: str | None = None
     """The reward that chooses (an `align rm` run). One of `reward_model` and `reward_function`."""
@@ -493,51 +709,34 @@ class SampleConfig:
     """Subtract the bias stored with the reward model (`align rm --set normalize_with=...`), if any."""
     prompt_template: str | None = None
     """Prompt template; None: the one in the model's run config, else `{prompt}`."""
-    max_prompt_length: int = 256
+    max_prompt_length: int = bounded(256, ge=1)
     """Prompts longer than this many tokens are left out."""
-    max_samples: int | None = None
+    max_samples: int | None = bounded(None, ge=1)
     """Use only the first N prompts."""
-    response_length: int = 32
+    response_length: int = bounded(32, ge=1)
     """Most new tokens per response."""
-    temperature: float = 1.0
+    temperature: float = bounded(1.0, gt=0)
     """Sampling temperature."""
-    batch_size: int = 16
+    batch_size: int = bounded(16, ge=1)
     """Prompts per generate call (each call samples batch_size x best_of responses)."""
-    seed: int = 42
+    seed: int = seed_field()
     """Seeds the sampling."""
 
-    def validate(self) -> None:
-        _require(self, ["model", "prompts", "out"])
+    def check(self) -> list[str]:
+        out = _require(self, ["model", "prompts", "out"])
         if (self.reward_model is None) == (self.reward_function is None):
-            raise ConfigError("set exactly one of config keys 'reward_model' and 'reward_function'")
-        checks = [("best_of", self.best_of >= 1, "must be >= 1"),
-                  ("response_length", self.response_length >= 1, "must be >= 1"),
-                  ("temperature", self.temperature > 0, "must be > 0"),
-                  ("batch_size", self.batch_size >= 1, "must be >= 1"),
-                  ("max_samples", self.max_samples is None or self.max_samples >= 1, "must be >= 1")]
-        for key, ok, why in checks:
-            if not ok:
-                raise ConfigError(f"config key '{key}' {why} (got {_get(self, key)!r})")
-
-
-def _check_trl_train(t: TrainConfig) -> None:
-    """TrainConfig keys that TRL's trainers have no counterpart for must stay unset."""
-    if t.early_stopping_patience is not None:
-        raise ConfigError("config key 'train.early_stopping_patience' is not supported by the TRL stages")
-    if t.max_eval_batches is not None:
-        raise ConfigError("config key 'train.max_eval_batches' is not supported by the TRL stages")
-    if t.padding_free:
-        raise ConfigError("config key 'train.padding_free' is not supported by the TRL stages")
+            out.append("set exactly one of config keys 'reward_model' and 'reward_function'")
+        return out
 
 
 @dataclass
-class DPOStageConfig:
+class DPOStageConfig(Command):
     """`align dpo`: Direct Preference Optimization (Rafailov et al. 2023) through TRL's DPOTrainer, from
     the SFT model on the reward model's preference pairs; the reference is the SFT model, frozen."""
 
     output_dir: str = ""
     """Run directory; the policy is written to `<output_dir>/model`. Required."""
-    seed: int = 42
+    seed: int = seed_field()
     """Seeds the data order, the validation split and LoRA's initialisation."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The SFT model: the policy starts from it and the reference is it, frozen."""
@@ -552,7 +751,7 @@ class DPOStageConfig:
     """Optimisation, mapped onto TRL's arguments; `batch_size` counts pairs. `max_nonfinite_steps`
     is not used (TRL has no such guard); `early_stopping_patience` and `max_eval_batches` must stay
     unset; `save_every`/`keep_checkpoints` are TRL's `save_steps`/`save_total_limit`."""
-    beta: float = 0.1
+    beta: float = bounded(0.1, gt=0)
     """beta of the DPO loss: how strongly the policy is held to the reference (the implicit reward is
     beta x log pi/pi_ref)."""
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
@@ -560,188 +759,37 @@ class DPOStageConfig:
     reference: str | None = None
     """Reference policy; None: `model.path` (the SFT model)."""
 
-    def validate(self) -> None:
-        _require(self, ["output_dir", "model.path", "data.train"])
-        if self.beta <= 0:
-            raise ConfigError(f"config key 'beta' must be > 0 (got {self.beta!r})")
-        _check_trl_train(self.train)
-        validate_common(self)
+    def check(self) -> list[str]:
+        out = _require(self, ["output_dir", "model.path", "data.train"])
+        # TrainConfig keys that TRL's DPOTrainer has no counterpart for must stay unset.
+        for key in ("early_stopping_patience", "max_eval_batches", "padding_free"):
+            if getattr(self.train, key):
+                out.append(f"config key 'train.{key}' is not supported by the TRL stages")
+        return out
 
 
 @dataclass
-class GroupLoopConfig:
-    """Sampling and optimisation of the group-baseline RL stages (GRPO, RLOO), named as PPO's where
-    the meaning is the same, so the methods can be given the same budget."""
+class InitModelConfig(Command):
+    """`align init-model` (and a recipe's `init_model` section): a tiny Llama-style model and a
+    byte-level tokenizer, built offline, for the default recipe and the tests."""
 
-    total_episodes: int = 1024
-    """Responses to sample over the whole run (the budget, as PPO's); steps = total_episodes /
-    (rollout_batch_size x processes)."""
-    rollout_batch_size: int = 64
-    """Responses sampled per optimizer step, per process: rollout_batch_size / num_generations prompts."""
-    num_generations: int = 8
-    """G: responses per prompt; each response's baseline comes from the other responses to its prompt."""
-    micro_batch_size: int = 16
-    """Responses per forward/backward; rollout_batch_size / micro_batch_size is the gradient accumulation."""
-    num_iterations: int = 1
-    """Optimisation passes over each sampled batch (TRL's `num_iterations`, PPO's ppo_epochs)."""
-    response_length: int = 32
-    """Most new tokens per response."""
-    temperature: float = 0.7
-    """Sampling temperature (pure temperature sampling: top_k 0, top_p 1, as PPO's)."""
-    kl_coef: float = 0.05
-    """beta: weight of the KL to the reference (0: no reference model is loaded)."""
-    clip_eps: float = 0.2
-    """Policy ratio clip range (matters when num_iterations > 1)."""
-    lr: float = 1e-6
-    """Peak learning rate; linear warmup then cosine decay to 0."""
-    warmup_steps: int = 0
-    """Linear warmup steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """AdamW's [beta1, beta2]."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping."""
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    """Compute dtype. `auto`: bf16 on a GPU that supports it, else none."""
-    log_every: int = 1
-    """Append metrics to metrics.jsonl every N steps."""
-    save_every: int = 50
-    """Write a resumable checkpoint every N steps."""
-    keep_checkpoints: int = 2
-    """How many of the newest checkpoints to keep."""
+    hidden: int = bounded(64, ge=1)
+    """Hidden size; a multiple of `heads`."""
+    layers: int = bounded(2, ge=1)
+    """Transformer layers."""
+    heads: int = bounded(4, ge=1)
+    """Attention heads."""
+    max_position: int = bounded(256, ge=2)
+    """Longest sequence the model can see."""
+    vocab_size: int = bounded(260, ge=260)
+    """Tokenizer entries; 260 = the 256 bytes + 4 specials, no merges (more needs a corpus)."""
+    seed: int = seed_field(0)
+    """Seeds the weights."""
 
-
-@dataclass
-class _GroupStage:
-    """What GRPO and RLOO share: the PPO stage's model, reward and prompts, a group sampling loop."""
-
-    output_dir: str = ""
-    """Run directory; the policy is written to `<output_dir>/model`. Required."""
-    seed: int = 42
-    """Seeds the prompt order and the sampling."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """The SFT model: the policy starts from it and the reference is it, frozen."""
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    """LoRA on the policy; the reference is then the policy with its adapter disabled."""
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    """The reward, as PPO's: a reward model (scored at the last real token, its stored bias
-    subtracted) or a function. Used: model, function, normalize, clip, missing_eos_penalty."""
-    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=256))
-    """The PPO prompt set; `max_length` is the longest prompt kept; `prompt_template` must be SFT's."""
-    rl: GroupLoopConfig = field(default_factory=GroupLoopConfig)
-
-    def validate(self) -> None:
-        _require(self, ["output_dir", "model.path", "data.train"])
-        if (self.reward.model is None) == (self.reward.function is None):
-            raise ConfigError("set exactly one of config keys 'reward.model' and 'reward.function'")
-        r = self.rl
-        checks = [
-            ("rl.total_episodes", r.total_episodes >= r.rollout_batch_size,
-             f"must be at least one rollout batch ({r.rollout_batch_size})"),
-            ("rl.num_generations", r.num_generations >= 2, "must be >= 2 (the baseline needs other responses)"),
-            ("rl.rollout_batch_size", r.rollout_batch_size >= 1 and r.rollout_batch_size % r.num_generations == 0,
-             "must be a multiple of rl.num_generations"),
-            ("rl.micro_batch_size", 1 <= r.micro_batch_size <= r.rollout_batch_size
-             and r.rollout_batch_size % r.micro_batch_size == 0, "must divide rl.rollout_batch_size"),
-            ("rl.num_iterations", r.num_iterations >= 1, "must be >= 1"),
-            ("rl.response_length", r.response_length >= 1, "must be >= 1"),
-            ("rl.temperature", r.temperature > 0, "must be > 0"),
-            ("rl.kl_coef", r.kl_coef >= 0, "must be >= 0"),
-            ("rl.clip_eps", r.clip_eps > 0, "must be > 0"),
-            ("rl.lr", r.lr > 0, "must be > 0"),
-            ("rl.max_grad_norm", r.max_grad_norm > 0, "must be > 0"),
-            ("rl.log_every", r.log_every >= 1, "must be >= 1"),
-            ("rl.save_every", r.save_every >= 1, "must be >= 1"),
-            ("rl.keep_checkpoints", r.keep_checkpoints >= 1, "must be >= 1"),
-            ("reward.clip", self.reward.clip is None or self.reward.clip > 0, "must be > 0"),
-        ]
-        for key, ok, why in checks:
-            if not ok:
-                raise ConfigError(f"config key '{key}' {why} (got {_get(self, key)!r})")
-        validate_common(self)
-
-
-@dataclass
-class GRPOStageConfig(_GroupStage):
-    """`align grpo`: GRPO (Shao et al. 2024) through TRL's GRPOTrainer: G responses per prompt, the
-    advantage of each is its reward minus its group's mean (scaled per `scale_rewards`)."""
-
-    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
-    """TRL's `loss_type`: how token losses are averaged (`grpo`: per sequence then over the batch;
-    `dapo`: over all tokens of the batch; `dr_grpo`: by a constant, Liu et al. 2025)."""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    """Divide advantages by the reward std of the group, of the batch, or not at all (Dr. GRPO)."""
-
-
-@dataclass
-class RLOOStageConfig(_GroupStage):
-    """`align rloo`: REINFORCE Leave-One-Out (Ahmadian et al. 2024) through TRL's RLOOTrainer: the
-    baseline of each response is the mean reward of the other G-1 responses to its prompt; the KL
-    to the reference enters the reward, summed over the response."""
-
-    normalize_advantages: bool = False
-    """Whiten advantages over the batch."""
-
-
-def validate_common(cfg: Any) -> None:
-    """Range checks for the sections most configs share."""
-    checks: list[tuple[str, bool, str]] = []
-    if hasattr(cfg, "train"):
-        t = cfg.train
-        checks += [
-            ("train.lr", t.lr > 0, "must be > 0"),
-            ("train.epochs", t.epochs > 0, "must be > 0"),
-            ("train.max_steps", t.max_steps is None or t.max_steps > 0, "must be > 0"),
-            ("train.batch_size", t.batch_size >= 1, "must be >= 1"),
-            ("train.grad_accum", t.grad_accum >= 1, "must be >= 1"),
-            ("train.weight_decay", t.weight_decay >= 0, "must be >= 0"),
-            ("train.warmup_steps", t.warmup_steps >= 0, "must be >= 0"),
-            ("train.warmup_steps", t.max_steps is None or t.warmup_steps < t.max_steps,
-             f"({t.warmup_steps}) must be shorter than train.max_steps ({t.max_steps})"),
-            ("train.min_lr_ratio", 0 <= t.min_lr_ratio <= 1, "must be in [0, 1]"),
-            ("train.max_grad_norm", t.max_grad_norm > 0, "must be > 0"),
-            ("train.adam_betas", len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
-             "must be two numbers in [0, 1)"),
-            ("train.eval_every", t.eval_every >= 1, "must be >= 1"),
-            ("train.log_every", t.log_every >= 1, "must be >= 1"),
-            ("train.save_every", t.save_every >= 1, "must be >= 1"),
-            ("train.keep_checkpoints", t.keep_checkpoints >= 1, "must be >= 1"),
-            ("train.max_nonfinite_steps", t.max_nonfinite_steps >= 1, "must be >= 1"),
-            ("train.early_stopping_patience",
-             t.early_stopping_patience is None or t.early_stopping_patience >= 1, "must be >= 1"),
-        ]
-    if hasattr(cfg, "lora"):
-        lo = cfg.lora
-        checks += [
-            ("lora.r", lo.r >= 1, "must be >= 1"),
-            ("lora.alpha", lo.alpha > 0, "must be > 0"),
-            ("lora.dropout", 0 <= lo.dropout < 1, "must be in [0, 1)"),
-            ("lora.target", lo.target == "all" or (isinstance(lo.target, list) and len(lo.target) > 0),
-             "must be 'all' or a non-empty list of module names"),
-        ]
-    if hasattr(cfg, "data"):
-        d = cfg.data
-        checks += [
-            ("data.val_fraction", 0 <= d.val_fraction < 1, "must be in [0, 1)"),
-            ("data.max_length", d.max_length >= 2, "must be >= 2"),
-            ("data.max_samples", d.max_samples is None or d.max_samples >= 1, "must be >= 1"),
-        ]
-    for key, ok, why in checks:
-        if not ok:
-            raise ConfigError(f"config key '{key}' {why} (got {_get(cfg, key)!r})")
-
-
-def _require(cfg: Any, keys: list[str]) -> None:
-    for key in keys:
-        if _get(cfg, key) in ("", None):
-            raise ConfigError(f"missing required config key '{key}'")
-
-
-def _get(cfg: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
+    def check(self) -> list[str]:
+        if self.hidden % self.heads:
+            return [bad("hidden", f"({self.hidden}) must be a multiple of heads ({self.heads})")]
+        return []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -749,19 +797,28 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 
 def load_config(cls: type, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """Build `cls` from a YAML file (or a dict section of one) plus `key=value` overrides.
+    """Build `cls` from a YAML file plus `key=value` overrides, validated.
 
     Overrides use dotted keys for nested sections (`train.lr=1e-4`) and YAML syntax for values
-    (`lora.target=[q_proj,v_proj]`). The result is validated before it is returned.
+    (`lora.target=[q_proj,v_proj]`).
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        data = read_yaml(path)
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
     for item in overrides:
-        key, value = parse_override(item)
-        set_dotted(data, key, value)
-    cfg = from_dict(cls, data)
-    cfg.validate()
+        set_dotted(data, *parse_override(item))
+    return build_config(cls, data)
+
+
+def build_config(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """The one loader: `from_dict` (keys and types), then `validate()` (ranges and relations).
+    `prefix` names the keys as a recipe does (`sft.train.lr`)."""
+    cfg = from_dict(cls, data, prefix)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        if not prefix:
+            raise
+        # validate() names keys from the command's top level: name them as the recipe does.
+        raise ConfigError(str(e).replace("key '", f"key '{prefix}")) from None
     return cfg
 
 
@@ -804,25 +861,58 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Recursively build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
+def dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every leaf key of `cls`, dotted (for suggestions)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += dotted_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def suggestion(cls: type, key: str, prefix: str) -> str:
+    """`; did you mean ...?` for an unknown key of `cls`: a key of that name in a nested section
+    (`lr` -> `train.lr`), else the nearest key of this section, else the valid keys."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    nested = [k for k in dotted_keys(cls) if "." in k and k.rsplit(".", 1)[1] == key]
+    if nested:
+        return f"; did you mean '{prefix}{nested[0]}'?"
+    near = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.5)
+    if near:
+        return f"; did you mean '{prefix}{near[0]}'?"
+    return f"; valid keys: {', '.join(fields)}"
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "", base: Any = None) -> Any:
+    """Recursively build dataclass `cls` from `data`, rejecting unknown keys and wrong types (every
+    such problem of `data` reported at once). A section absent from `data` keeps the command's
+    default for it, and a section present starts from that default (`base`): a `ppo:` section of
+    `align grpo` changes only the keys it names."""
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a section (a mapping)")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    base = base if base is not None else cls()
     kwargs: dict[str, Any] = {}
+    problems: list[str] = []
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if key not in fields:
-            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(fields)}"
-            raise ConfigError(f"unknown config key '{dotted}'{hint}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(hint, value if value is not None else {}, f"{dotted}.")
-        else:
-            kwargs[key] = check_type(dotted, value, hint)
-    return cls(**kwargs)
+        try:
+            if key not in fields:
+                raise ConfigError(f"unknown config key '{dotted}'{suggestion(cls, str(key), prefix)}")
+            hint = hints[key]
+            if dataclasses.is_dataclass(hint):
+                kwargs[key] = from_dict(hint, value if value is not None else {}, f"{dotted}.", getattr(base, key))
+            else:
+                kwargs[key] = check_type(dotted, value, hint)
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return dataclasses.replace(base, **kwargs)
 
 
 def check_type(key: str, value: Any, hint: Any) -> Any:

@@ -25,7 +25,9 @@ from align import data as D
 from align.config import DPOStageConfig
 from align.errors import AlignError
 from align.modeling import inspect_model, load_pretrained, load_tokenizer, peft_lora_config
-from align.runtime import MetricsLogger, load_trainer_state, prepare_run_dir, set_seed
+from align.checkpoint import load_trainer_state, resume_point
+from align.rundir import prepare_run_dir
+from align.runtime import MetricsLogger, set_seed
 from align.trl_stages import AlignCallback, train_and_finish, training_arguments
 
 
@@ -122,7 +124,7 @@ def train_dpo(cfg: DPOStageConfig, resume: bool = False, force: bool = False, dr
         gradient_checkpointing=cfg.model.gradient_checkpointing, disable_dropout=cfg.model.disable_dropout),
         beta=cfg.beta, loss_type=[cfg.loss_type], max_length=d.max_length, per_device_eval_batch_size=t.batch_size,
         eval_strategy="steps" if val_rows else "no", eval_steps=t.eval_every)
-    ckpt = run.latest_checkpoint() if resume else None
+    ckpt = resume_point(run) if resume else None
     logger = MetricsLogger(run, state.is_main_process, load_trainer_state(ckpt)["step"] if ckpt else None)
     callback = AlignCallback(run, logger, global_batch, unit="samples")
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(train_rows),

@@ -25,12 +25,14 @@ import torch
 import yaml
 
 from align import data as D
-from align.bundle import Reward, call_reward_function, load_reward_function, response_logits
+from align.bundle import response_logits
+from align.reward import Reward, call_reward_function, load_reward_function
 from align.config import EvalConfig, ModelConfig
 from align.generation import decode_responses, sample
 from align.modeling import context_length, inspect_model, load_pretrained, load_tokenizer, resolve_model_path
 from align.ops import masked_nll_sum, selective_log_softmax, token_correct
-from align.runtime import atomic_write_text, peak_memory_mb, set_seed
+from align.rundir import atomic_write_text
+from align.runtime import peak_memory_mb, set_seed
 
 
 def model_name(path: str) -> str:

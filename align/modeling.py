@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,15 @@ from align.config import LoraConfig, ModelConfig
 from align.errors import AlignError
 
 PAD_TOKEN = "<|pad|>"
+"""The pad token align adds when a tokenizer has none and no unused token to reuse."""
+
+PAD_NAMES = ("<|finetune_right_pad_id|>", PAD_TOKEN, "<pad>", "[PAD]", "<|padding|>", "<|endoftext|>")
+"""Tokens that exist to pad (Llama-3.1's, align's own, T5/Gemma's, BERT's, GPT-NeoX's) or that a
+tokenizer defines but leaves unused when EOS is another token (Qwen instruct's `<|endoftext|>`), in
+the order they are preferred as pad."""
+
+RESERVED_TOKEN = re.compile(r"<\|reserved_special_token_\d+\|>|<unused\d+>")
+"""Placeholder tokens a vocabulary reserves and never emits (Llama-3's, Gemma's)."""
 
 # A minimal chat template for the tiny tokenizer: role markers as plain text, EOS closing each
 # assistant turn, so "loss on assistant turns" includes learning when to stop.
@@ -84,7 +94,7 @@ def inspect_model(path: str, key: str, trust_remote_code: bool = False) -> Any:
             raise AlignError(f"config key '{key}': model path '{path}' holds no weights "
                              f"(none of {', '.join(WEIGHT_FILES)})")
         if not (local / "config.json").is_file():  # a LoRA adapter: its base model holds the config
-            base = json.loads((local / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            base = adapter_base(local)
             if not base:
                 raise AlignError(f"config key '{key}': adapter '{path}' does not name its base model")
             return inspect_model(base, key, trust_remote_code)
@@ -129,12 +139,14 @@ def parameter_counts(config: Any, auto_cls: Any, lora: LoraConfig | None = None,
 
 
 def load_tokenizer(path: str, padding_side: str = "right", key: str | None = None) -> Any:
-    """Load a tokenizer and give it a dedicated pad token when it has none (or pads with EOS).
+    """Load a tokenizer and give it a pad token distinct from EOS when it has none (or pads with EOS).
     Errors name the config `key` the path came from, when given.
 
     EOS must never double as pad: masks built from token equality would then hide the real EOS
     of every response. We build masks from lengths anyway; a distinct pad keeps checkpoints safe
-    for tools that do not.
+    for tools that do not. An unused token of the vocabulary is reused when there is one (see
+    `unused_pad_token`); only when there is none is `PAD_TOKEN` added, which grows the vocabulary,
+    so the embeddings are resized and a LoRA adapter must carry them (see `save_model`).
     """
     from transformers import AutoTokenizer
 
@@ -149,14 +161,97 @@ def load_tokenizer(path: str, padding_side: str = "right", key: str | None = Non
     if tok.eos_token_id is None:
         raise AlignError(f"{where}tokenizer '{path}' has no EOS token; responses could never end")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+        reusable = unused_pad_token(tok)
+        if reusable is not None:
+            tok.pad_token = reusable
+        else:
+            tok.add_special_tokens({"pad_token": PAD_TOKEN})
     tok.padding_side = padding_side
     return tok
+
+
+def unused_pad_token(tok: Any) -> str | None:
+    """A token of `tok`'s vocabulary that can pad without growing it, or None.
+
+    Candidates, in order: `PAD_NAMES`, reserved placeholders (`RESERVED_TOKEN`, lowest id first),
+    then an UNK token. None may be EOS or BOS, nor appear in the chat template (which would mean
+    the model is taught to read or emit it). Reusing one keeps the embedding matrix as it is, so a
+    LoRA adapter stays small and loads with every standard loader.
+    """
+    vocab = tok.get_vocab()
+    taken = {tok.eos_token_id, tok.bos_token_id}
+    templates = tok.chat_template if isinstance(tok.chat_template, dict) else {"": tok.chat_template or ""}
+    template_text = "\n".join(templates.values())
+    reserved = [t.content for _, t in sorted(tok.added_tokens_decoder.items()) if RESERVED_TOKEN.fullmatch(t.content)]
+    for token in (*PAD_NAMES, *reserved, tok.unk_token):
+        if token and token in vocab and vocab[token] not in taken and token not in template_text:
+            return token
+    return None
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def adapter_base(adapter_dir: str | Path) -> str | None:
+    """The base model a LoRA adapter directory names, or None when it is no adapter directory (no
+    adapter_config.json, or a config.json beside it: a full model) or names no base.
+
+    align writes the base relative to the adapter directory (`record_base_path`), so it is resolved
+    against that directory here. peft and transformers read `base_model_name_or_path` as written
+    and resolve a relative path against the working directory, so a path that does not resolve
+    against the adapter directory (a hub id, or a cwd-relative path another tool wrote) is returned
+    as written.
+    """
+    adapter_dir = Path(adapter_dir)
+    config = adapter_dir / "adapter_config.json"
+    if not config.is_file() or (adapter_dir / "config.json").is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        return None
+    beside = adapter_dir / Path(base).expanduser()
+    return str(beside.resolve()) if not Path(base).expanduser().is_absolute() and beside.exists() else base
+
+
+def record_base_path(adapter_dir: str | Path, base_path: str) -> None:
+    """Write `base_path` into `adapter_dir/adapter_config.json`: relative to the adapter directory
+    when the base is a local directory, so a run directory moved together with its base model still
+    loads (a hub id is written as is).
+
+    Convention: align (`adapter_base`) resolves the relative path against the adapter directory.
+    Plain peft and transformers resolve it against the working directory, so
+    `AutoPeftModelForCausalLM.from_pretrained(adapter_dir)` and
+    `AutoModelForCausalLM.from_pretrained(adapter_dir)` load it when run from the adapter
+    directory; `PeftModel.from_pretrained(base_model, adapter_dir)` loads it from anywhere, since it
+    ignores the recorded path.
+    """
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    base = Path(base_path).expanduser()
+    local = bool(base_path) and base.is_dir()
+    config["base_model_name_or_path"] = os.path.relpath(base.resolve(), adapter_dir.resolve()) if local else base_path
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def from_pretrained(auto_cls: Any, src: str, tokenizer: Any, **kwargs: Any) -> Any:
+    """`auto_cls.from_pretrained(src, **kwargs)`, except that a LoRA adapter directory is loaded as
+    its base model (`adapter_base`), grown to `tokenizer`'s length, then the adapter.
+
+    transformers' own loading of an adapter directory resolves a relative base path against the
+    working directory, and never grows the base's embeddings, so an adapter that carries grown
+    embeddings (see `save_model`) fails on a size mismatch.
+    """
+    base = adapter_base(src)
+    if base is None:
+        return auto_cls.from_pretrained(src, **kwargs)
+    model = auto_cls.from_pretrained(base, **kwargs)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.load_adapter(src)
+    return model
 
 
 def weight_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -182,7 +277,8 @@ def load_pretrained(auto_cls: Any, cfg: ModelConfig, tokenizer: Any, *, trainabl
     if cfg.attn_implementation:
         extra["attn_implementation"] = cfg.attn_implementation
     try:
-        model = auto_cls.from_pretrained(src, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **extra)
+        model = from_pretrained(auto_cls, src, tokenizer, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                                **extra)
     except (OSError, ValueError) as e:
         raise AlignError(f"could not load model '{path or cfg.path}': {_first_line(e)}") from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -268,12 +364,33 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, merge_lora: bool = False) -> None:
     """Write a model that `Auto*.from_pretrained(out_dir)` loads: full weights, a peft adapter
-    (loaded through transformers' peft integration), or the adapter merged into the base."""
+    (loaded through transformers' peft integration), or the adapter merged into the base.
+
+    An adapter records its base relative to `out_dir` (`record_base_path`). When align grew the
+    vocabulary (`load_tokenizer` had to add a pad token), the base checkpoint lacks the resized
+    embedding and output head, so the adapter carries them (peft's `save_embedding_layers`), and
+    the tokenizer beside it lets `AutoPeftModelForCausalLM` grow the base before loading them.
+    """
     out_dir = Path(out_dir)
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    model.save_pretrained(out_dir, safe_serialization=True)
+    inner = model.model if isinstance(model, ScoreModel) else model
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else None
+    if base is None:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=vocabulary_grown(base))
+        record_base_path(out_dir, base.name_or_path)
     tokenizer.save_pretrained(out_dir)
+
+
+def vocabulary_grown(model: nn.Module) -> bool:
+    """Whether `model`'s input embeddings have more rows than the checkpoint it was loaded from
+    declares (`vocab_size` of the config at `model.name_or_path`)."""
+    from transformers import AutoConfig
+
+    saved = AutoConfig.from_pretrained(model.name_or_path).get_text_config().vocab_size
+    return model.get_input_embeddings().num_embeddings > saved
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,61 +1,112 @@
-"""`align ppo`: RLHF with PPO. One step, top to bottom (DESIGN.md; CleanRL's loop; Huang et al. 2024,
-"The N+ Implementation Details of RLHF with PPO"):
+"""The PPO loop, generalised: the one online-RL loop of `align ppo`, `grpo`, `dr_grpo`, `rloo`,
+`reinforce_pp` and `remax`.
 
-1. rollout: the actor samples a response per prompt (KV cache, batched, left padding);
-2. truncate after the first EOS; a response without EOS gets `reward.missing_eos_penalty`;
-3. score without grad: reward per sequence, reference and old actor log-probs and values per token
-   (the last two from the first update's forward when one forward covers the rollout);
-4. per-token reward r_t = -beta * kl_t, plus the score on the last response token;
-5. GAE(gamma, lambda) over response tokens, returns = advantages + values; whiten advantages;
-6. ppo_epochs x shuffled minibatches: clipped policy loss + vf_coef x clipped value loss
-   (- ent_coef x entropy), every loss a mean over the minibatch's response tokens.
+Every method samples a group of `ppo.n_samples_per_prompt` responses per prompt, scores them with
+the same reward path (align/reward.py), and updates the policy with PPO's clipped-ratio loss; what
+differs is the advantage estimator (align/rl.py's registry) and where the KL goes (verl and
+OpenRLHF are built the same way). One step, top to bottom (DESIGN.md; CleanRL's loop; Huang et
+al. 2024, "The N+ Implementation Details of RLHF with PPO"):
+
+1. rollout: the policy samples n responses per prompt (KV cache, batched, left padding), truncated
+   after the first EOS; with dynamic sampling (DAPO) groups whose rewards all match are dropped and
+   more prompts sampled; ReMax also decodes each prompt greedily for its baseline;
+2. score without grad: training scores (raw reward, missing-EOS and overlong penalties, clip), the
+   reference log-probs, and (unless the first update's forward covers the rollout) the old
+   log-probs and the critic's values;
+3. advantages: the estimator's, from the scores, the per-token KL when it is in the reward, the
+   values (gae); optionally whitened;
+4. ppo_epochs x shuffled minibatches x micro-batches: clipped policy loss (clip-higher, dual clip),
+   plus kl_coef x KL when it is in the loss, reduced by `ppo.loss_agg`; plus vf_coef x the clipped
+   value loss (gae); minus ent_coef x entropy;
+5. log (TRL's metric names), evaluate, checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import time
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
 from align import data as D
-from align.bundle import ModelBundle, build_bundle, load_reward_function, call_reward_function
-from align.config import LoraConfig, PPOConfig, PPOLoopConfig
+from align.bundle import ModelBundle, ValueHead, build_bundle, check_models, rl_plan
+from align.checkpoint import Checkpointer, resume_point
+from align.config import RLConfig
 from align.errors import AlignError
-from align.generation import decode_responses, sample
-from align.modeling import context_length, count_parameters, inspect_model, load_tokenizer, parameter_counts, save_model
+from align.generation import Rollout, cat_rollouts, decode_responses, sample
+from align.modeling import context_length, count_parameters, load_tokenizer, save_model
 from align.ops import entropy_from_logits, masked_mean, masked_whiten
-from align.rl import (AdaptiveKLController, FixedKLController, gae, kl_estimate, per_token_rewards, policy_loss,
-                      value_loss)
-from align.runtime import (Checkpointer, MetricsLogger, NonFiniteGuard, StopRequest, Stopped, finish_model,
-                           linear_decay, load_trainer_state, make_accelerator, make_optimizer, peak_memory_mb,
-                           prepare_run_dir, progress, rng_state, set_rng_state, set_seed, write_summary)
+from align.reward import call_reward_function, load_reward_function
+from align.rl import (AdaptiveKLController, AdvantageInput, FixedKLController, agg_loss, clipped_policy_loss,
+                      get_estimator, kl_estimate, value_loss, zero_variance_groups)
+from align.rundir import finish_model, prepare_run_dir, write_summary
+from align.runtime import (MetricsLogger, NonFiniteGuard, StopRequest, Stopped, linear_decay, make_accelerator,
+                           make_optimizer, peak_memory_mb, progress, set_seed)
 
 
-@torch.no_grad()
-def evaluate(bundle: ModelBundle, actor: Any, tokenizer: Any, prompts: list[D.Prompt], cfg: PPOConfig,
-             gold: Any) -> dict[str, float]:
-    """Greedy responses on the held-out prompts, scored by the learned reward (and the gold one)."""
-    p = cfg.ppo
-    scores, golds, lengths, eos = [], [], [], []
-    for s in range(0, len(prompts), p.rollout_batch_size):
-        chunk = prompts[s:s + p.rollout_batch_size]
-        rollout = sample(actor, tokenizer, [q.ids for q in chunk], p.response_length, greedy=True)
-        texts = decode_responses(tokenizer, rollout)
-        raw = [q.text for q in chunk]
-        scores.append(bundle.reward.scores(raw, texts, rollout, [tokenizer.decode(q.ids, skip_special_tokens=True) for q in chunk]).cpu())
-        if gold is not None:
-            golds.append(call_reward_function(gold, cfg.eval.gold_reward, raw, texts))
-        lengths.append(rollout.response_mask.sum(1).float().cpu())
-        eos.append(rollout.has_eos.float().cpu())
-    out = {"eval/reward": torch.cat(scores).mean().item(), "eval/response_length": torch.cat(lengths).mean().item(),
-           "eval/eos_rate": torch.cat(eos).mean().item()}
-    if golds:
-        out["eval/gold_reward"] = torch.cat(golds).mean().item()
+@dataclass
+class Experience:
+    """A scored rollout: everything the updates read, one row per response (B rows, prompt-major
+    groups: rows [k*n, (k+1)*n) answer prompt k). R is the padded response width."""
+
+    rollout: Rollout
+    prompts: list[D.Prompt]          # (B,) the prompt of each row
+    responses: list[str]             # (B,) decoded response texts
+    raw_scores: torch.Tensor         # (B,) the reward's own scores
+    scores: torch.Tensor             # (B,) training scores (align/reward.py `shape_scores`)
+    ref_logprobs: torch.Tensor       # (B, R) under the frozen reference
+    logprobs: torch.Tensor | None = None    # (B, R) old log-probs (None until the fused forward)
+    values: torch.Tensor | None = None      # (B, R) critic values, 0 on padding (gae only)
+    kl: torch.Tensor | None = None          # (B, R) per-token KL estimate of the old policy, 0 on padding
+    advantages: torch.Tensor | None = None  # (B, R)
+    returns: torch.Tensor | None = None     # (B, R) value targets (gae)
+    dropped_groups: int = 0                 # dynamic sampling: zero-variance groups dropped
+    topped_up_groups: int = 0               # ... and put back because the rounds ran out
+
+    @property
+    def mask(self) -> torch.Tensor:  # (B, R) float
+        return self.rollout.response_mask.float()
+
+
+def advantages(exp: Experience, cfg: RLConfig, beta: float, baseline: torch.Tensor | None) -> None:
+    """Step 3: the per-token KL of the old policy, then the estimator's advantages (and returns),
+    optionally whitened over the batch's response tokens. Fills `exp.kl/advantages/returns`."""
+    p, mask = cfg.ppo, exp.mask
+    exp.kl = kl_estimate(exp.logprobs, exp.ref_logprobs, p.kl_kind) * mask
+    in_reward = not p.kl_in_loss
+    inp = AdvantageInput(exp.scores, mask, p.n_samples_per_prompt, kl=exp.kl if in_reward else None,
+                         kl_coef=beta if in_reward else 0.0, values=exp.values, baseline_scores=baseline,
+                         gamma=p.gamma, lam=p.lam, whiten_rewards=cfg.reward.whiten)
+    exp.advantages, exp.returns = get_estimator(p.estimator).fn(inp)
+    if p.whiten:
+        exp.advantages = masked_whiten(exp.advantages, mask)
+
+
+def step_metrics(exp: Experience, stats: dict[str, float], cfg: RLConfig, beta: float, reduce: Callable) -> dict:
+    """The step's metrics, named as TRL named them (so curves compare); `reduce(x)` is the mean over
+    processes, `stats` the update's averaged statistics."""
+    mask, in_reward = exp.mask, not cfg.ppo.kl_in_loss
+    non_score = -beta * exp.kl if in_reward else torch.zeros_like(exp.kl)  # (B, R), 0 on padding
+    out = {
+        "objective/kl": reduce(exp.kl.sum(1).mean()),
+        "objective/entropy": reduce((-exp.logprobs * mask).sum(1).mean()),
+        "objective/non_score_reward": reduce(non_score.sum(1).mean()),
+        "objective/rlhf_reward": reduce((exp.scores + non_score.sum(1)).mean()),
+        "objective/scores": reduce(exp.scores.mean()),
+        "objective/raw_scores": reduce(exp.raw_scores.float().mean()),
+        "objective/kl_coef": beta,
+        "policy/approxkl_avg": stats["approxkl"], "policy/clipfrac_avg": stats["clipfrac"],
+        "policy/entropy_avg": stats["entropy"], "policy/advantages_mean": reduce(masked_mean(exp.advantages, mask)),
+        "loss/policy_avg": stats["pg_loss"], "loss/value_avg": stats.get("vf_loss", 0.0),
+        "val/clipfrac_avg": stats.get("vf_clipfrac", 0.0), "val/ratio": stats["ratio"],
+        "val/ratio_var": stats["ratio_var"],
+        "response_length": reduce(mask.sum(1).mean()), "eos_rate": reduce(exp.rollout.has_eos.float().mean()),
+    }
+    if cfg.ppo.dynamic_sampling:
+        out.update({"rollout/dropped_groups": exp.dropped_groups, "rollout/topped_up_groups": exp.topped_up_groups})
     return out
 
 
@@ -72,66 +123,38 @@ def drift_warnings(metrics: dict[str, float], first_length: float, p: Any) -> di
     }
 
 
-def check_models(cfg: PPOConfig, tokenizer: Any) -> dict[str, Any]:
-    """Check every model input without loading a weight: actor, critic and reward model paths
-    (config and weight files), the reward function's import, and vocabularies. A reward model
-    whose vocabulary differs from the actor's scores through text (responses decoded and
-    re-tokenized: `text_bridge`); the critic reads the actor's ids, so it must share its vocabulary."""
-    trust, vocab = cfg.model.trust_remote_code, tokenizer.get_vocab()
-    found: dict[str, Any] = {"actor": inspect_model(cfg.model.path, "model.path", trust), "text_bridge": False}
-    critic_key = "critic.path" if cfg.critic.path else "reward.model" if cfg.reward.model else "model.path"
-    critic_path = cfg.critic.path or cfg.reward.model or cfg.model.path
-    found["critic"] = inspect_model(critic_path, critic_key, trust)
-    if cfg.reward.function:
-        load_reward_function(cfg.reward.function, "reward.function")
-    else:
-        found["reward"] = inspect_model(cfg.reward.model, "reward.model", trust)
-        found["text_bridge"] = load_tokenizer(cfg.reward.model, key="reward.model").get_vocab() != vocab
-    if critic_path != cfg.model.path and load_tokenizer(critic_path, key=critic_key).get_vocab() != vocab:
-        raise AlignError(f"config key '{critic_key}': the critic would start from '{critic_path}', whose vocabulary "
-                         f"differs from the actor's; set critic.path to the SFT model ('{cfg.model.path}')")
-    return found
+@torch.no_grad()
+def evaluate(bundle: ModelBundle, actor: Any, tokenizer: Any, prompts: list[D.Prompt], cfg: RLConfig,
+             gold: Any) -> dict[str, float]:
+    """Greedy responses on the held-out prompts, scored by the learned reward (raw) and the gold one."""
+    p = cfg.ppo
+    scores, golds, lengths, eos = [], [], [], []
+    for s in range(0, len(prompts), p.rollout_batch_size):
+        chunk = prompts[s:s + p.rollout_batch_size]
+        rollout = sample(actor, tokenizer, [q.ids for q in chunk], p.response_length, greedy=True)
+        texts = decode_responses(tokenizer, rollout)
+        raw = [q.text for q in chunk]
+        scores.append(bundle.reward.scores(raw, texts, rollout, [tokenizer.decode(q.ids, skip_special_tokens=True)
+                                                                 for q in chunk]).cpu())
+        if gold is not None:
+            golds.append(call_reward_function(gold, cfg.eval.gold_reward, raw, texts))
+        lengths.append(rollout.response_mask.sum(1).float().cpu())
+        eos.append(rollout.has_eos.float().cpu())
+    out = {"eval/reward": torch.cat(scores).mean().item(), "eval/response_length": torch.cat(lengths).mean().item(),
+           "eval/eos_rate": torch.cat(eos).mean().item()}
+    if golds:
+        out["eval/gold_reward"] = torch.cat(golds).mean().item()
+    return out
 
 
-def ppo_plan(cfg: PPOConfig, found: dict[str, Any], data: str, n_steps: int, global_batch: int) -> dict[str, Any]:
-    """What a PPO run would do (`--dry-run`). Checkpoint: actor and critic float32 weights (4 bytes
-    per parameter, per adapter parameter with LoRA) plus AdamW's moments (8 bytes per trained one)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    trust = cfg.model.trust_remote_code
-    lora = cfg.memory_mode == "lora"
-    a_total, a_trained = parameter_counts(found["actor"], AutoModelForCausalLM,
-                                          LoraConfig(**{**cfg.lora.__dict__, "enabled": lora}), trust)
-    critic_config = copy.deepcopy(found["critic"])
-    critic_config.num_labels = 1
-    c_total, c_trained = parameter_counts(critic_config, AutoModelForSequenceClassification,
-                                          LoraConfig(**{**cfg.lora.__dict__, "enabled": cfg.critic.lora}), trust)
-    saved = 4 * ((a_trained if lora else a_total) + (c_trained if cfg.critic.lora else c_total))
-    reward = cfg.reward.function or cfg.reward.model
-    return {"stage": "ppo", "output_dir": cfg.output_dir, "actor": f"{cfg.model.path} ({cfg.memory_mode} mode)",
-            "reference": "the actor with its adapter disabled" if lora else f"{cfg.model.path} (a frozen copy)",
-            "critic": cfg.critic.path or cfg.reward.model or cfg.model.path,
-            "reward": reward + (" (different vocabulary: scored through text)" if found["text_bridge"] else ""),
-            "actor_parameters": a_total, "actor_trained_parameters": a_trained, "critic_parameters": c_total,
-            "critic_trained_parameters": c_trained, "data": data, "steps": n_steps, "episodes_per_step": global_batch,
-            "checkpoint_bytes": saved + 8 * (a_trained + c_trained),
-            "final_model_bytes": 4 * (a_trained if lora and not cfg.lora.merge else a_total)}
-
-
-def rollout_targets(p: PPOLoopConfig, whiten_rewards: bool, beta: float, logprobs: torch.Tensor,
-                    ref_logprobs: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
-                    mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Steps 4-5 from the rollout's (B, R) old log-probs, reference log-probs and values and its (B,)
-    scores: the per-token KL and rewards, then GAE advantages (whitened) and returns."""
-    kl = kl_estimate(logprobs, ref_logprobs, p.kl_estimator) * mask
-    rewards, non_score_reward = per_token_rewards(scores, kl, mask, beta)
-    if whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = gae(rewards, values, mask, p.gamma, p.lam)
-    if p.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
-    return {"logprobs": logprobs, "values": values, "kl": kl, "non_score_reward": non_score_reward,
-            "advantages": advantages, "returns": returns}
+def check_inputs(cfg: RLConfig, ready: Callable[..., bool]) -> None:
+    """What `align run --dry-run` can check of an RL stage while an earlier stage is pending."""
+    for source, split in ((cfg.data.train, cfg.data.split), (cfg.eval.prompts, "train")):
+        if source and ready(source):
+            D.read_prompt_records(source, cfg.data.format, split)
+    for key, spec in (("reward.function", cfg.reward.function), ("eval.gold_reward", cfg.eval.gold_reward)):
+        if spec:
+            load_reward_function(spec, key)
 
 
 def unshuffle(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -141,14 +164,200 @@ def unshuffle(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def train_ppo(cfg: PPOConfig, resume: bool = False, force: bool = False, dry_run: bool = False) -> dict[str, Any]:
-    """Train and return the summary; with `dry_run`, check every input and return the plan instead
-    (nothing is loaded but configs and tokenizers, nothing is written)."""
-    t_start = time.time()
+@dataclass
+class Trainees:
+    """What the loop trains, prepared by accelerate: the actor, and for gae the critic (a separate
+    model) or a value head on the actor (`critic.share_actor`); each with its AdamW and schedule."""
+
+    actor: Any
+    actor_opt: Any
+    actor_sched: Any
+    critic: Any = None
+    head: Any = None
+    critic_opt: Any = None
+    critic_sched: Any = None
+
+    @property
+    def models(self) -> list[Any]:
+        return [m for m in (self.actor, self.critic, self.head) if m is not None]
+
+
+def prepare_trainees(cfg: RLConfig, bundle: ModelBundle, accelerator: Any, n_steps: int) -> Trainees:
     p = cfg.ppo
+    actor_opt = make_optimizer(bundle.actor.parameters(), p.lr, p.weight_decay, p.adam_betas)
+    critic_model = bundle.critic if bundle.critic is not None else (
+        ValueHead(bundle.actor.config.hidden_size).to(accelerator.device) if cfg.critic.share_actor else None)
+    if critic_model is None:
+        actor, actor_opt = accelerator.prepare(bundle.actor, actor_opt)
+        return Trainees(actor, actor_opt, linear_decay(actor_opt, n_steps))
+    critic_opt = make_optimizer(critic_model.parameters(), cfg.critic.lr, p.weight_decay, p.adam_betas)
+    actor_sched, critic_sched = linear_decay(actor_opt, n_steps), linear_decay(critic_opt, n_steps)
+    actor, critic, actor_opt, critic_opt = accelerator.prepare(bundle.actor, critic_model, actor_opt, critic_opt)
+    if cfg.critic.share_actor:
+        return Trainees(actor, actor_opt, actor_sched, head=critic, critic_opt=critic_opt, critic_sched=critic_sched)
+    return Trainees(actor, actor_opt, actor_sched, critic=critic, critic_opt=critic_opt, critic_sched=critic_sched)
+
+
+class Sampler:
+    """Steps 1-2: this process's prompts, sampled and scored. Its position in the prompt order lives
+    in the loop's `state` (epoch, batch in epoch), so a resumed run draws the same prompts."""
+
+    def __init__(self, cfg: RLConfig, bundle: ModelBundle, actor: Any, tokenizer: Any, prompts: list[D.Prompt],
+                 state: dict[str, Any], rank: int, world: int):
+        self.cfg, self.bundle, self.actor, self.tokenizer, self.prompts, self.state = (cfg, bundle, actor, tokenizer,
+                                                                                       prompts, state)
+        self.n, self.rank, self.world = cfg.ppo.n_samples_per_prompt, rank, world
+        self.per_step = cfg.ppo.rollout_batch_size // self.n * world  # prompts per step, all processes
+        self.batches = D.global_batches(len(prompts), self.per_step, cfg.seed, start_epoch=state["epoch"])
+        for _ in range(state["batch_in_epoch"]):
+            next(self.batches)
+
+    def next_prompts(self) -> list[D.Prompt]:
+        """This process's share of the next global batch of prompts, each repeated n times (prompt-major)."""
+        epoch, index, indices = next(self.batches)
+        last = index + 1 == len(self.prompts) // self.per_step
+        self.state["epoch"], self.state["batch_in_epoch"] = (epoch + 1, 0) if last else (epoch, index + 1)
+        return [self.prompts[i] for i in D.shard(indices, self.rank, self.world) for _ in range(self.n)]
+
+    def score(self, rows: list[D.Prompt], rollout: Rollout) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Response texts, raw and training scores (align/reward.py: one path for every method)."""
+        texts = decode_responses(self.tokenizer, rollout)
+        raw, shaped = self.bundle.reward.training_scores(
+            [q.text for q in rows], texts, rollout, [self.tokenizer.decode(q.ids, skip_special_tokens=True) for q in rows])
+        return texts, raw, shaped
+
+    def collect(self) -> Experience:
+        """One generate call; with dynamic sampling (DAPO), as many as it takes (at most
+        `ppo.max_sampling_rounds`) to fill the batch with groups whose training scores differ."""
+        p, n = self.cfg.ppo, self.n
+        kept: list[tuple[list[D.Prompt], Rollout, list[str], torch.Tensor, torch.Tensor]] = []
+        spare, dropped, rows_kept = [], 0, 0
+        for _ in range(p.max_sampling_rounds if p.dynamic_sampling else 1):
+            rows = self.next_prompts()
+            rollout = sample(self.actor, self.tokenizer, [q.ids for q in rows], p.response_length,
+                             temperature=p.temperature)
+            texts, raw, shaped = self.score(rows, rollout)
+            if not p.dynamic_sampling:
+                return Experience(rollout, rows, texts, raw, shaped, self.bundle.reference_logprobs(rollout, self.actor))
+            flat = zero_variance_groups(shaped, n)  # (G,)
+            dropped += int(flat.sum())
+            for g in range(len(flat)):
+                rows_g = torch.arange(g * n, (g + 1) * n, device=rollout.response_ids.device)
+                part = (rows[g * n:(g + 1) * n], rollout.select(rows_g), texts[g * n:(g + 1) * n],
+                        raw[g * n:(g + 1) * n], shaped[g * n:(g + 1) * n])
+                (spare if flat[g] else kept).append(part)
+            rows_kept = min(len(kept) * n, p.rollout_batch_size)
+            if rows_kept == p.rollout_batch_size:
+                break
+        topped_up = max(0, (p.rollout_batch_size - rows_kept) // n)
+        parts = (kept + spare[:topped_up])[:p.rollout_batch_size // n]
+        rollout = cat_rollouts([r for _, r, *_ in parts], self.tokenizer.pad_token_id)
+        exp = Experience(rollout, [q for rows, *_ in parts for q in rows], [t for _, _, ts, *_ in parts for t in ts],
+                         torch.cat([r for *_, r, _ in parts]), torch.cat([s for *_, s in parts]),
+                         self.bundle.reference_logprobs(rollout, self.actor))
+        exp.dropped_groups, exp.topped_up_groups = dropped, topped_up
+        return exp
+
+    def greedy_baseline(self, exp: Experience) -> torch.Tensor:
+        """ReMax: the training score of each row's prompt answered greedily (one decode per prompt)."""
+        firsts = exp.prompts[::self.n]
+        rollout = sample(self.actor, self.tokenizer, [q.ids for q in firsts], self.cfg.ppo.response_length,
+                         greedy=True)
+        return self.score(firsts, rollout)[2].repeat_interleave(self.n)
+
+
+def forward(bundle: ModelBundle, t: Trainees, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(B, R) log-probs, (B, R, V) logits and (B, R) values (None without a critic) of a rollout."""
+    if t.head is not None:
+        return bundle.policy_logprobs_and_values(t.actor, t.head, rollout)
+    logprobs, logits = bundle.policy_logprobs(t.actor, rollout)
+    return logprobs, logits, bundle.values(t.critic, rollout) if t.critic is not None else None
+
+
+def update(exp: Experience, cfg: RLConfig, bundle: ModelBundle, t: Trainees, accelerator: Any, beta: float,
+           baseline: torch.Tensor | None, train_actor: bool) -> tuple[dict[str, list[torch.Tensor]], int]:
+    """Step 4: ppo_epochs x shuffled minibatches x micro-batches. Returns the per-micro-batch stats
+    and the number of updates skipped for a non-finite loss or gradient. When the old log-probs are
+    missing (fused scoring), the first forward provides them and step 3 runs there."""
+    p, world, device = cfg.ppo, accelerator.num_processes, accelerator.device
+    mask, B = exp.mask, exp.rollout.response_ids.shape[0]
+    sums: dict[str, list[torch.Tensor]] = {}
+    skipped = 0
+    for _ in range(p.ppo_epochs):
+        order = torch.randperm(B, device=device)
+        for start in range(0, B, p.mini_batch_size):
+            mb_idx = order[start:start + p.mini_batch_size]
+            # Every micro-batch's loss is its share of the whole minibatch's (tokens or responses of
+            # every process), so the update is the same whatever the split (rl.agg_loss).
+            mb_tokens = accelerator.reduce(mask[mb_idx].sum(), "sum")
+            mb_seqs = accelerator.reduce(torch.tensor(float(len(mb_idx)), device=device), "sum")
+            micro_starts = range(0, len(mb_idx), p.micro_batch_size)
+            for j, ms in enumerate(micro_starts):
+                idx = mb_idx[ms:ms + p.micro_batch_size]
+                mb_mask = mask[idx]
+                with contextlib.ExitStack() as stack:
+                    if j < len(micro_starts) - 1:  # sync gradients across processes only once
+                        for model in t.models:
+                            stack.enter_context(accelerator.no_sync(model))
+                    new_logprobs, logits, vpred = forward(bundle, t, exp.rollout.select(idx))
+                    if exp.advantages is None:  # fused: the first forward, on the rollout's weights
+                        with torch.no_grad():
+                            exp.logprobs = unshuffle(new_logprobs, idx)
+                            if vpred is not None:
+                                exp.values = unshuffle(vpred, idx) * mask
+                            advantages(exp, cfg, beta, baseline)
+                    pg_mat, pg_stats = clipped_policy_loss(new_logprobs, exp.logprobs[idx], exp.advantages[idx],
+                                                           mb_mask, p.clip_eps, p.clip_eps_high, p.clip_c)
+                    if p.kl_in_loss:  # GRPO: beta x KL(policy || reference) per token, in the loss
+                        pg_mat = pg_mat + beta * kl_estimate(new_logprobs, exp.ref_logprobs[idx], p.kl_kind) * mb_mask
+                    # Without an entropy bonus the entropy is only logged: no graph through a
+                    # (B, R, V) softmax for a backward pass that would multiply it by 0.
+                    with contextlib.nullcontext() if p.ent_coef else torch.no_grad():
+                        entropy = masked_mean(entropy_from_logits(logits), mb_mask)
+                    token_share = mb_mask.sum() * world / mb_tokens.clamp(min=1)
+                    other = -p.ent_coef * entropy
+                    step_stats = {"entropy": entropy, **pg_stats}
+                    if vpred is not None:
+                        vf_loss, vf_stats = value_loss(vpred, exp.values[idx], exp.returns[idx], mb_mask,
+                                                       p.value_clip_eps)
+                        other = other + p.vf_coef * vf_loss
+                        step_stats.update(vf_loss=vf_loss, vf_clipfrac=vf_stats["clipfrac"])
+                    if p.loss_agg == "token-mean":  # one scale for every term, as PPO has always summed them
+                        pg_loss = masked_mean(pg_mat, mb_mask)
+                        loss = pg_loss + other
+                        accelerator.backward(loss * token_share)
+                    else:  # the micro-batch's part of the minibatch's loss, x world (DDP averages)
+                        pg_loss = agg_loss(pg_mat, mb_mask, p.loss_agg, max_len=p.response_length)
+                        loss = agg_loss(pg_mat, mb_mask, p.loss_agg, global_tokens=mb_tokens, global_seqs=mb_seqs,
+                                        max_len=p.response_length) * world + other * token_share
+                        accelerator.backward(loss)
+                    step_stats["pg_loss"] = pg_loss
+                for k, v in step_stats.items():
+                    sums.setdefault(k, []).append(v.detach())
+            norms = [accelerator.clip_grad_norm_(m.parameters(), p.max_grad_norm) for m in t.models]
+            # A non-finite loss or gradient: skip this update rather than poison the weights.
+            if all(torch.isfinite(x) for x in norms) and torch.isfinite(loss):
+                if train_actor:  # `critic.warmup_steps`: only the critic learns at first
+                    t.actor_opt.step()
+                if t.critic_opt is not None:
+                    t.critic_opt.step()
+            else:
+                skipped += 1
+            for opt in (t.actor_opt, t.critic_opt):
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
+    return sums, skipped
+
+
+def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run: bool = False) -> dict[str, Any]:
+    """Train any online method (`cfg.ppo.estimator`) and return the summary; with `dry_run`, check
+    every input and return the plan instead (nothing is loaded but configs and tokenizers, nothing
+    is written)."""
+    t_start = time.time()
+    p, est = cfg.ppo, get_estimator(cfg.ppo.estimator)
+    stage, n = p.estimator if p.estimator != "gae" else "ppo", p.n_samples_per_prompt
     accelerator = make_accelerator(p.mixed_precision)
-    is_main, rank, world, device = (accelerator.is_main_process, accelerator.process_index,
-                                    accelerator.num_processes, accelerator.device)
+    is_main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
     set_seed(cfg.seed)
     run = prepare_run_dir(cfg.output_dir, cfg, resume, is_main, force, dry_run)
 
@@ -157,10 +366,9 @@ def train_ppo(cfg: PPOConfig, resume: bool = False, force: bool = False, dry_run
                                key="model.tokenizer" if cfg.model.tokenizer else "model.path")
     found = check_models(cfg, tokenizer)
     if found["text_bridge"] and is_main:
-        print("ppo: note: the reward model's tokenizer differs from the actor's; responses are decoded and "
+        print(f"{stage}: note: the reward model's tokenizer differs from the policy's; responses are decoded and "
               "re-tokenized for it (text bridge)", flush=True)
     d = cfg.data
-    # prompt + response must fit every model that reads them (actor, critic, reward model)
     context = context_length(*(found[k] for k in ("actor", "critic", "reward") if k in found))
     prompts, report = D.load_prompts(d.train, d.format, d.prompt_template, tokenizer, d.max_length, d.truncation,
                                      d.split, d.max_samples, context, p.response_length)
@@ -168,235 +376,156 @@ def train_ppo(cfg: PPOConfig, resume: bool = False, force: bool = False, dry_run
                                   d.truncation, max_samples=cfg.eval.max_samples, context=context,
                                   new_tokens=p.response_length)[0] if cfg.eval.prompts else []
     gold = load_reward_function(cfg.eval.gold_reward, "eval.gold_reward") if cfg.eval.gold_reward else None
-    global_batch = p.rollout_batch_size * world
+    global_batch, prompts_per_step = p.rollout_batch_size * world, p.rollout_batch_size // n * world
     n_steps = p.total_episodes // global_batch
-    if len(prompts) < global_batch or n_steps < 1:
+    if len(prompts) < prompts_per_step or n_steps < 1:
         raise AlignError(f"{len(prompts)} prompts and ppo.total_episodes {p.total_episodes} make no rollout batch of "
-                         f"{global_batch} (ppo.rollout_batch_size x {world} process(es)); lower ppo.rollout_batch_size")
+                         f"{prompts_per_step} prompts x {n} responses (ppo.rollout_batch_size x {world} "
+                         "process(es)); lower ppo.rollout_batch_size")
     if dry_run:
-        return ppo_plan(cfg, found, f"{report.kept} prompts ({report.dropped} dropped as longer than {d.max_length} "
-                        f"tokens); {len(eval_prompts)} eval prompts", n_steps, global_batch)
-    ckpt = run.latest_checkpoint() if resume else None
+        return rl_plan(cfg, stage, found, f"{report.kept} prompts ({report.dropped} dropped as longer than "
+                       f"{d.max_length} tokens); {len(eval_prompts)} eval prompts", n_steps, global_batch)
+
+    # ---- the models, their optimizers, the KL controller; restored when resuming
+    ckpt = resume_point(run) if resume else None
     bundle = build_bundle(cfg, tokenizer, device, ckpt)
-    actor_opt = make_optimizer(bundle.actor.parameters(), p.lr, p.weight_decay, p.adam_betas)
-    critic_opt = make_optimizer(bundle.critic.parameters(), cfg.critic.lr, p.weight_decay, p.adam_betas)
-    actor_sched, critic_sched = linear_decay(actor_opt, n_steps), linear_decay(critic_opt, n_steps)
-    actor, critic, actor_opt, critic_opt = accelerator.prepare(bundle.actor, bundle.critic, actor_opt, critic_opt)
-    unwrapped_actor, unwrapped_critic = accelerator.unwrap_model(actor), accelerator.unwrap_model(critic)
+    t = prepare_trainees(cfg, bundle, accelerator, n_steps)
+    actor = accelerator.unwrap_model(t.actor)
     kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target is not None
               else FixedKLController(p.kl_coef))
-
+    models = {"actor": (actor, tokenizer)}
+    stateful: dict[str, Any] = {"actor_opt": t.actor_opt, "actor_sched": t.actor_sched, "kl_ctl": kl_ctl}
+    if t.critic is not None:
+        models["critic"] = (accelerator.unwrap_model(t.critic), tokenizer)
+    if t.head is not None:
+        stateful["value_head"] = accelerator.unwrap_model(t.head)
+    if t.critic_opt is not None:
+        stateful.update(critic_opt=t.critic_opt, critic_sched=t.critic_sched)
+    checkpointer = Checkpointer(run, p.keep_checkpoints, accelerator, models, stateful)
     state = {"step": 0, "episode": 0, "epoch": 0, "batch_in_epoch": 0, "train_time": 0.0, "tokens_seen": 0,
              "first_response_length": 0.0}
     if ckpt is not None:
-        saved = load_trainer_state(ckpt)
-        for obj, key in ((actor_opt, "actor_opt"), (critic_opt, "critic_opt"), (actor_sched, "actor_sched"),
-                         (critic_sched, "critic_sched"), (kl_ctl, "kl_ctl")):
-            obj.load_state_dict(saved[key])
-        set_rng_state(saved["rng"])
-        state.update(saved["state"])
+        state.update(checkpointer.restore(ckpt))
     if is_main:
-        a_train, a_total = count_parameters(unwrapped_actor)
-        print(f"ppo: {report.kept} prompts ({report.dropped} dropped as longer than {d.max_length} tokens); "
-              f"{n_steps} steps of {global_batch} episodes; actor trains {a_train:,} of {a_total:,} parameters "
-              f"({cfg.memory_mode} mode); reward: {cfg.reward.model or cfg.reward.function}; "
-              f"{world} process(es) on {device}", flush=True)
+        a_train, a_total = count_parameters(actor)
+        critic = "a value head on the actor" if t.head is not None else "a critic" if est.needs_critic else "no critic"
+        print(f"{stage}: {report.kept} prompts ({report.dropped} dropped as longer than {d.max_length} tokens); "
+              f"{n_steps} steps of {prompts_per_step} prompts x {n} responses; estimator {p.estimator}, KL "
+              f"{p.kl_kind} in the {'loss' if p.kl_in_loss else 'reward'}; policy trains {a_train:,} of "
+              f"{a_total:,} parameters ({cfg.memory_mode} mode); {critic}; "
+              f"reward: {cfg.reward.model or cfg.reward.function}; {world} process(es) on {device}", flush=True)
         if ckpt is not None:
-            print(f"ppo: resumed from {ckpt} at step {state['step']} (kl_coef {kl_ctl.value:.4g})", flush=True)
+            print(f"{stage}: resumed from {ckpt} at step {state['step']} (kl_coef {kl_ctl.value:.4g})", flush=True)
 
     logger = MetricsLogger(run, is_main, state["step"] if ckpt is not None else None)
-    checkpointer = Checkpointer(run, p.keep_checkpoints)
     samples_file = open(run.root / "samples.jsonl", "a", encoding="utf-8") if is_main else None
+    sampler = Sampler(cfg, bundle, actor, tokenizer, prompts, state, accelerator.process_index, world)
 
-    def write_models(path: Path) -> None:
-        save_model(unwrapped_actor, tokenizer, path / "actor")
-        save_model(unwrapped_critic, tokenizer, path / "critic")
+    def eval_log() -> dict[str, float]:
+        """Greedy eval, logged with the compute spent so far (curves at matched compute)."""
+        out: dict[str, float] = {}
+        if is_main:
+            out = evaluate(bundle, actor, tokenizer, eval_prompts, cfg, gold)
+            out.update(episode=state["episode"], tokens_seen=state["tokens_seen"], train_time=time.time() - t_loop)
+            logger.log(state["step"], out)
+        accelerator.wait_for_everyone()
+        return out
 
-    batches = D.global_batches(len(prompts), global_batch, cfg.seed, start_epoch=state["epoch"])
-    for _ in range(state["batch_in_epoch"]):
-        next(batches)
-    bar = progress(n_steps, state["step"], "ppo", is_main)
+    bar = progress(n_steps, state["step"], stage, is_main)
     guard = NonFiniteGuard(p.max_nonfinite_steps)
     stop_request = StopRequest().__enter__()
     warned: dict[str, bool] = {}
     last_eval: dict[str, float] = {}
     t_loop = time.time() - state["train_time"]
+    if eval_prompts and state["step"] == 0:  # the curves start at the SFT point
+        last_eval = eval_log()
     while state["step"] < n_steps:
         t0 = time.time()
-        epoch, index, indices = next(batches)
-        batch_prompts = [prompts[i] for i in D.shard(indices, rank, world)]
-
-        # ---- 1-2. rollout, truncated after the first EOS
-        rollout = sample(unwrapped_actor, tokenizer, [q.ids for q in batch_prompts], p.response_length,
-                         temperature=p.temperature)
-        responses = decode_responses(tokenizer, rollout)
-        mask = rollout.response_mask.float()  # (B, R)
+        # ---- 1-3. rollout, scores, advantages: old log-probs and values unless the first update's
+        # forward covers the whole rollout (`ppo.fuse_scoring`): it runs on the same weights, so its
+        # outputs are those numbers, and two forward passes are saved.
+        with torch.no_grad():
+            exp = sampler.collect()
+            baseline = sampler.greedy_baseline(exp) if est.needs_greedy_baseline else None
+            B = exp.rollout.response_ids.shape[0]
+            if not (p.fuse_scoring and p.mini_batch_size >= B and p.micro_batch_size >= B):
+                exp.logprobs, _, values = forward(bundle, t, exp.rollout)  # (B, R)
+                exp.values = values * exp.mask if values is not None else None
+                advantages(exp, cfg, kl_ctl.value, baseline)
         t_rollout = time.time() - t0
 
-        # ---- 3. score without grad: reward, reference log-probs; old log-probs and values unless
-        # the first update's forward covers the whole rollout (`ppo.fuse_scoring`): that forward runs
-        # on the same weights, so its outputs are those numbers, and two forward passes are saved.
-        B = rollout.response_ids.shape[0]
-        fused = p.fuse_scoring and p.mini_batch_size >= B and p.micro_batch_size >= B
-        with torch.no_grad():
-            ref_logprobs = bundle.reference_logprobs(rollout, unwrapped_actor)  # (B, R)
-            scores = bundle.reward.scores([q.text for q in batch_prompts], responses, rollout,
-                                          [tokenizer.decode(q.ids, skip_special_tokens=True) for q in batch_prompts])  # (B,)
-            if cfg.reward.missing_eos_penalty is not None:
-                scores = torch.where(rollout.has_eos, scores, scores - cfg.reward.missing_eos_penalty)
-            if cfg.reward.clip is not None:
-                scores = scores.clamp(-cfg.reward.clip, cfg.reward.clip)
-            targets = None
-            if not fused:
-                logprobs, _ = bundle.policy_logprobs(actor, rollout)  # (B, R)
-                values = bundle.values(critic, rollout) * mask  # (B, R)
-                targets = rollout_targets(p, cfg.reward.whiten, kl_ctl.value, logprobs, ref_logprobs, values,
-                                          scores, mask)
-
-        # ---- 6. PPO updates: epochs x shuffled minibatches x micro-batches
+        # ---- 4. updates
         t1 = time.time()
-        stats: dict[str, list[torch.Tensor]] = {k: [] for k in (
-            "approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio", "ratio_var")}
-        skipped = 0
-        for _ in range(p.ppo_epochs):
-            order = torch.randperm(B, device=device)
-            for start in range(0, B, p.mini_batch_size):
-                mb_idx = order[start:start + p.mini_batch_size]
-                # Every micro-batch's token mean is weighted by its share of the minibatch's tokens,
-                # so the update is the minibatch token mean whatever the accumulation or process count.
-                mb_tokens = accelerator.reduce(mask[mb_idx].sum(), "sum")
-                micro_starts = range(0, len(mb_idx), p.micro_batch_size)
-                for j, ms in enumerate(micro_starts):
-                    idx = mb_idx[ms:ms + p.micro_batch_size]
-                    mb_mask = mask[idx]
-                    with contextlib.ExitStack() as stack:
-                        if j < len(micro_starts) - 1:  # sync gradients across processes only once
-                            stack.enter_context(accelerator.no_sync(actor))
-                            stack.enter_context(accelerator.no_sync(critic))
-                        sub = rollout.select(idx)
-                        new_logprobs, logits = bundle.policy_logprobs(actor, sub)
-                        vpred = bundle.values(critic, sub)
-                        if targets is None:  # fused: the first forward, on the rollout's weights
-                            with torch.no_grad():
-                                targets = rollout_targets(p, cfg.reward.whiten, kl_ctl.value,
-                                                          unshuffle(new_logprobs, idx), ref_logprobs,
-                                                          unshuffle(vpred, idx) * mask, scores, mask)
-                        pg_loss, pg_stats = policy_loss(new_logprobs, targets["logprobs"][idx],
-                                                        targets["advantages"][idx], mb_mask, p.clip_eps)
-                        vf_loss, vf_stats = value_loss(vpred, targets["values"][idx], targets["returns"][idx],
-                                                       mb_mask, p.value_clip_eps)
-                        # Without an entropy bonus the entropy is only logged: no graph through a
-                        # (B, R, V) softmax for a backward pass that would multiply it by 0.
-                        with contextlib.nullcontext() if p.ent_coef else torch.no_grad():
-                            entropy = masked_mean(entropy_from_logits(logits), mb_mask)
-                        loss = pg_loss + p.vf_coef * vf_loss - p.ent_coef * entropy
-                        accelerator.backward(loss * mb_mask.sum() * world / mb_tokens.clamp(min=1))
-                    for k, v in (("approxkl", pg_stats["approxkl"]), ("clipfrac", pg_stats["clipfrac"]),
-                                 ("pg_loss", pg_loss), ("vf_loss", vf_loss), ("vf_clipfrac", vf_stats["clipfrac"]),
-                                 ("entropy", entropy), ("ratio", pg_stats["ratio"]), ("ratio_var", pg_stats["ratio_var"])):
-                        stats[k].append(v.detach())
-                actor_norm = accelerator.clip_grad_norm_(actor.parameters(), p.max_grad_norm)
-                critic_norm = accelerator.clip_grad_norm_(critic.parameters(), p.max_grad_norm)
-                # A non-finite loss or gradient: skip this update rather than poison the weights.
-                if torch.isfinite(actor_norm) and torch.isfinite(critic_norm) and torch.isfinite(loss):
-                    actor_opt.step()
-                    critic_opt.step()
-                else:
-                    skipped += 1
-                actor_opt.zero_grad(set_to_none=True)
-                critic_opt.zero_grad(set_to_none=True)
-        actor_sched.step()
-        critic_sched.step()
+        sums, skipped = update(exp, cfg, bundle, t, accelerator, kl_ctl.value, baseline,
+                               train_actor=state["step"] >= cfg.critic.warmup_steps)
+        for sched in (t.actor_sched, t.critic_sched):
+            if sched is not None:
+                sched.step()
         t_update = time.time() - t1
         if not guard.check(float("nan") if skipped else 0.0) and is_main:
-            bar.write(f"ppo: step {state['step'] + 1}: {skipped} update(s) with a non-finite loss or gradient skipped "
-                      f"({guard.in_a_row} step(s) in a row)")
+            bar.write(f"{stage}: step {state['step'] + 1}: {skipped} update(s) with a non-finite loss or gradient "
+                      f"skipped ({guard.in_a_row} step(s) in a row)")
 
-        # ---- bookkeeping: KL controller, counters, metrics (named as TRL's, to compare curves)
-        kl, logprobs, non_score_reward = targets["kl"], targets["logprobs"], targets["non_score_reward"]
-        mean_kl = accelerator.reduce(kl.sum(1).mean(), "mean")
+        # ---- 5. bookkeeping: KL controller, counters, metrics, samples, eval, checkpoint
+        mean_kl = accelerator.reduce(exp.kl.sum(1).mean(), "mean")
         beta = kl_ctl.value
         kl_ctl.update(mean_kl.item(), global_batch)
         state["step"] += 1
         state["episode"] += global_batch
-        step_tokens = accelerator.reduce(rollout.attention_mask.sum(), "sum").item()
+        step_tokens = accelerator.reduce(exp.rollout.attention_mask.sum(), "sum").item()
         state["tokens_seen"] += step_tokens
-        state["epoch"], state["batch_in_epoch"] = ((epoch + 1, 0) if index + 1 == len(prompts) // global_batch
-                                                   else (epoch, index + 1))
         bar.update(1)
         step_time = time.time() - t0
         if state["step"] % p.log_every == 0 or state["step"] == n_steps:
-            mean = lambda x: accelerator.reduce(x.float().mean(), "mean").item()  # noqa: E731
-            avg = {k: accelerator.reduce(torch.stack(v).mean(), "mean").item() for k, v in stats.items()}
-            metrics = {
-                "objective/kl": mean_kl.item(),
-                "objective/entropy": mean((-logprobs * mask).sum(1)),
-                "objective/non_score_reward": mean(non_score_reward.sum(1)),
-                "objective/rlhf_reward": mean(scores + non_score_reward.sum(1)),
-                "objective/scores": mean(scores),
-                "objective/kl_coef": beta,
-                "policy/approxkl_avg": avg["approxkl"], "policy/clipfrac_avg": avg["clipfrac"],
-                "policy/entropy_avg": avg["entropy"],
-                "loss/policy_avg": avg["pg_loss"], "loss/value_avg": avg["vf_loss"],
-                "val/clipfrac_avg": avg["vf_clipfrac"], "val/ratio": avg["ratio"], "val/ratio_var": avg["ratio_var"],
-                "val/num_eos_tokens": accelerator.reduce(rollout.has_eos.sum(), "sum").item(),
-                "response_length": mean(mask.sum(1)), "eos_rate": mean(rollout.has_eos),
-                "lr": actor_sched.get_last_lr()[0], "episode": state["episode"],
-                "episodes_per_sec": global_batch / step_time,
-                "tokens_per_sec": step_tokens / step_time,
+            reduce = lambda x: accelerator.reduce(x.float(), "mean").item()  # noqa: E731
+            stats = {k: accelerator.reduce(torch.stack(v).mean(), "mean").item() for k, v in sums.items()}
+            metrics = step_metrics(exp, stats, cfg, beta, reduce)
+            metrics.update({
+                "val/num_eos_tokens": accelerator.reduce(exp.rollout.has_eos.sum(), "sum").item(),
+                "lr": t.actor_sched.get_last_lr()[0], "episode": state["episode"], "tokens_seen": state["tokens_seen"],
+                "episodes_per_sec": global_batch / step_time, "tokens_per_sec": step_tokens / step_time,
                 "time/rollout": t_rollout, "time/update": t_update, "peak_memory_mb": peak_memory_mb(),
-                "guard/nonfinite_steps": guard.total,
-            }
-            if not state["first_response_length"]:
-                state["first_response_length"] = metrics["response_length"]
+                "guard/nonfinite_steps": guard.total})
+            state["first_response_length"] = state["first_response_length"] or metrics["response_length"]
             flags = drift_warnings(metrics, state["first_response_length"], p)
             metrics.update({k: float(v) for k, v in flags.items()})
             for k, v in flags.items():
                 if v and not warned.get(k) and is_main:
-                    bar.write(f"ppo: warning at step {state['step']}: {k.split('/')[1].replace('_', ' ')} "
+                    bar.write(f"{stage}: warning at step {state['step']}: {k.split('/')[1].replace('_', ' ')} "
                               f"(kl {metrics['objective/kl']:.3g}, clipfrac {metrics['policy/clipfrac_avg']:.3g}, "
                               f"value loss {metrics['loss/value_avg']:.3g}, length {metrics['response_length']:.3g})")
                 warned[k] = v
             logger.log(state["step"], metrics)
             bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if is_main and (state["step"] % p.sample_every == 0 or state["step"] == 1):
-            rows = [{"step": state["step"], "prompt": q.text, "response": r, "score": float(s)}
-                    for q, r, s in list(zip(batch_prompts, responses, scores.tolist()))[:p.samples_logged]]
-            for row in rows:
-                samples_file.write(json.dumps(row, ensure_ascii=False) + "\n")
-                bar.write(f"  [step {row['step']}] {row['prompt']!r} -> {row['response']!r}  score {row['score']:+.3f}")
+            for q, r, s in list(zip(exp.prompts, exp.responses, exp.scores.tolist()))[:p.samples_logged]:
+                samples_file.write(json.dumps({"step": state["step"], "prompt": q.text, "response": r, "score": s},
+                                              ensure_ascii=False) + "\n")
+                bar.write(f"  [step {state['step']}] {q.text!r} -> {r!r}  score {s:+.3f}")
             samples_file.flush()
         if eval_prompts and (state["step"] % p.eval_every == 0 or state["step"] == n_steps):
-            if is_main:
-                last_eval = evaluate(bundle, unwrapped_actor, tokenizer, eval_prompts, cfg, gold)
-                logger.log(state["step"], last_eval)
-            accelerator.wait_for_everyone()
+            last_eval = eval_log()
         state["train_time"] = time.time() - t_loop
         stopping = stop_request.should_stop(accelerator) and state["step"] < n_steps
         if (state["step"] % p.save_every == 0 and state["step"] < n_steps) or stopping:
-            if is_main:
-                checkpointer.save(state["step"], write_models, {
-                    "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
-                    "actor_sched": actor_sched.state_dict(), "critic_sched": critic_sched.state_dict(),
-                    "kl_ctl": kl_ctl.state_dict(), "rng": rng_state(), "state": state})
-            accelerator.wait_for_everyone()
+            checkpointer.save(state["step"], state)
         if stopping:
             bar.close()
             stop_request.__exit__()
-            raise Stopped(f"ppo: stopped at step {state['step']} of {n_steps}; checkpoint saved in "
+            raise Stopped(f"{stage}: stopped at step {state['step']} of {n_steps}; checkpoint saved in "
                           f"{run.checkpoints}, continue with --resume")
     bar.close()
     stop_request.__exit__()
 
-    # ---- the final actor, then the summary that marks the run complete
+    # ---- the final policy, then the summary that marks the run complete
     if is_main:
-        finish_model(run, lambda path: save_model(unwrapped_actor, tokenizer, path, merge_lora=cfg.lora.merge))
+        finish_model(run, lambda path: save_model(actor, tokenizer, path, merge_lora=cfg.lora.merge))
         samples_file.close()
     accelerator.wait_for_everyone()
-    summary = {"stage": "ppo", "steps": state["step"], "episodes": state["episode"], "tokens_seen": state["tokens_seen"],
-               "wall_time_sec": time.time() - t_start, "train_time_sec": state["train_time"],
-               "peak_memory_mb": peak_memory_mb(), "kl_coef": kl_ctl.value, "memory_mode": cfg.memory_mode,
-               **last_eval}
+    summary = {"stage": stage, "estimator": p.estimator, "steps": state["step"], "episodes": state["episode"],
+               "tokens_seen": state["tokens_seen"], "wall_time_sec": time.time() - t_start,
+               "train_time_sec": state["train_time"], "peak_memory_mb": peak_memory_mb(), "kl_coef": kl_ctl.value,
+               "memory_mode": cfg.memory_mode, **{k: v for k, v in last_eval.items() if k.startswith("eval/")}}
     if is_main:
         write_summary(run, summary)
     logger.close()

@@ -19,13 +19,13 @@ from typing import Any
 import torch
 
 from align import data as D
+from align.checkpoint import resume_point
 from align.config import RMConfig
 from align.errors import AlignError
 from align.modeling import ScoreModel, context_length, last_token_index, load_score_model
+from align.reward import NORMALIZATION_FILE
 from align.rl import bradley_terry_loss
 from align.trainer import Stage, check_schedule, fit, open_stage, supervised_plan
-
-NORMALIZATION_FILE = "align_reward.json"
 
 
 def read_pair_records(cfg: RMConfig) -> tuple[list[D.Record], list[D.Record]]:
@@ -107,7 +107,7 @@ def train_rm(cfg: RMConfig, resume: bool = False, force: bool = False, dry_run: 
         model_config.num_labels = 1
         return supervised_plan("rm", cfg, AutoModelForSequenceClassification, model_config, report, n_steps,
                                global_batch, merged=True)
-    ckpt = run.latest_checkpoint() if resume else None
+    ckpt = resume_point(run) if resume else None
     model = load_score_model(cfg.model, cfg.lora, tokenizer, accelerator.device, ckpt)
 
     def write_normalization(unwrapped: Any, out: Path) -> None:

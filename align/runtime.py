@@ -1,16 +1,8 @@
-"""Plumbing every training stage uses: processes, optimizers, metrics, checkpoints, run dirs.
+"""The trainer-side runtime every training loop uses: processes and devices, RNG, optimizers and
+schedules, metrics logging, progress bars, stop signals and the non-finite guard.
 
-A run directory looks like this, for every stage:
-
-    <output_dir>/config.yaml          resolved config, written before the first step
-    <output_dir>/metrics.jsonl        one JSON object per logged step, appended line by line
-    <output_dir>/checkpoints/step-N/  model (save_pretrained) + trainer_state.pt
-    <output_dir>/checkpoints/latest   name of the newest complete checkpoint
-    <output_dir>/model/               the final model, loadable with from_pretrained
-    <output_dir>/summary.json         written last: its presence means the run is complete
-
-Checkpoints and the final model are written to a temporary directory and renamed into place, so
-a killed run never leaves one that loads but is partial.
+The run directory's layout and file helpers are in `align/rundir.py` (torch-free); saving and
+restoring checkpoints in `align/checkpoint.py`.
 """
 
 from __future__ import annotations
@@ -20,21 +12,19 @@ import math
 import os
 import random
 import resource
-import shutil
 import signal
 import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from align.config import TrainConfig, save_config, to_dict
+from align.config import TrainConfig
 from align.errors import AlignError
+from align.rundir import RunDir, atomic_write_text, read_metrics
 
 # ----------------------------------------------------------------------------------------------
 # Processes and devices
@@ -133,100 +123,7 @@ def linear_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
-# Run directories, metrics, checkpoints
-
-
-@dataclass
-class RunDir:
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def model(self) -> Path:
-        return self.root / "model"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "summary.json"
-
-    def is_complete(self) -> bool:
-        return self.summary.is_file()
-
-    def latest_checkpoint(self) -> Path | None:
-        pointer = self.checkpoints / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.checkpoints / pointer.read_text().strip()
-        return path if (path / "trainer_state.pt").is_file() else None
-
-
-def prepare_run_dir(output_dir: str, cfg: Any, resume: bool, is_main: bool, force: bool = False,
-                    dry_run: bool = False) -> RunDir:
-    """Check the output directory before any compute and write the resolved config.
-
-    A finished run is never overwritten, and an interrupted one only continues with `--resume`,
-    with the config it started with (unless `force`): a resumed run must be the run that would
-    have happened. A `dry_run` makes the same checks and writes nothing.
-    """
-    run = RunDir(Path(output_dir).expanduser())
-    if run.is_complete():
-        raise AlignError(f"output_dir '{run.root}' already holds a finished run; choose another directory or remove it")
-    if not resume and run.latest_checkpoint() is not None:
-        raise AlignError(f"output_dir '{run.root}' holds checkpoints of an interrupted run; pass --resume to continue it "
-                         "or choose another directory")
-    if resume and run.latest_checkpoint() is not None and run.config.is_file() and not force:
-        import yaml
-
-        old = yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
-        # A run directory may have been moved: where it lives is not part of what it computes.
-        changed = [c for c in config_changes(old, to_dict(cfg)) if not c.startswith("output_dir:")]
-        if changed:
-            raise AlignError(f"cannot resume '{run.root}' with a changed config ({'; '.join(changed[:5])}); "
-                             "pass --force to resume anyway")
-    if dry_run:
-        existing = next(p for p in (run.root.absolute(), *run.root.absolute().parents) if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise AlignError(f"output_dir '{run.root}' is not writable ('{existing}' is not a writable directory)")
-        return run
-    if is_main:
-        try:
-            run.root.mkdir(parents=True, exist_ok=True)
-            probe = run.root / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise AlignError(f"output_dir '{run.root}' is not writable: {e.strerror}") from None
-        if run.metrics.exists() and (not resume or run.latest_checkpoint() is None):
-            # A run that never reached a checkpoint starts over, even with --resume. (A resumed run
-            # drops the rows logged after its checkpoint in MetricsLogger.)
-            run.metrics.unlink()
-        save_config(cfg, run.config)
-    return run
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_summary(run: RunDir, summary: dict[str, Any]) -> None:
-    """Mark the run complete. Written last, atomically."""
-    atomic_write_text(run.summary, json.dumps(summary, indent=2, default=float))
+# Metrics
 
 
 class MetricsLogger:
@@ -247,7 +144,10 @@ class MetricsLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run.root / "tensorboard"))
+            # purge_step: TensorBoard drops the events logged after the checkpoint when it reads
+            # the resumed run's first event, so curves do not double back (as metrics.jsonl above).
+            self.tb = SummaryWriter(str(run.root / "tensorboard"),
+                                    purge_step=resume_step + 1 if resume_step is not None else None)
         except ImportError:
             self.tb = None
 
@@ -275,73 +175,6 @@ def _plain(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)  # JSON has no NaN/inf; keep the line parseable
     return v
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """metrics.jsonl as a list of dicts; a final line cut short by a kill is skipped."""
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-@dataclass
-class Checkpointer:
-    """Writes `checkpoints/step-N` atomically and keeps the newest `keep` of them."""
-
-    run: RunDir
-    keep: int
-    saved: list[Path] = field(default_factory=list)
-
-    def save(self, step: int, write_models: Callable[[Path], None], state: dict[str, Any]) -> Path:
-        self.run.checkpoints.mkdir(parents=True, exist_ok=True)
-        final = self.run.checkpoints / f"step-{step:07d}"
-        tmp = self.run.checkpoints / f".tmp-step-{step:07d}"
-        for stale in self.run.checkpoints.glob(".*-step-*"):  # left by a kill: never pointed at, safe to drop
-            shutil.rmtree(stale, ignore_errors=True)
-        write_models(tmp)
-        torch.save(state, tmp / "trainer_state.pt")
-        if final.exists():  # written by a run killed before `latest` moved to it
-            discard(final)
-        os.replace(tmp, final)
-        atomic_write_text(self.run.checkpoints / "latest", final.name)  # moves only after a complete write
-        self._prune(final)
-        return final
-
-    def _prune(self, newest: Path) -> None:
-        existing = sorted(p for p in self.run.checkpoints.glob("step-*") if p.is_dir())
-        for old in existing[: max(0, len(existing) - self.keep)]:
-            if old != newest:
-                discard(old)
-
-
-def discard(path: Path) -> None:
-    """Delete a directory so that a kill midway never leaves part of it under its own name: it is
-    renamed to `.del-<name>` (atomic) first, then deleted."""
-    trash = path.with_name(f".del-{path.name}")
-    if trash.exists():
-        shutil.rmtree(trash)
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def load_trainer_state(path: Path) -> dict[str, Any]:
-    # weights_only=False: the state holds python/numpy RNG states, which are not plain tensors.
-    return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-
-
-def finish_model(run: RunDir, write_model: Callable[[Path], None]) -> None:
-    """Write the final model to a temporary directory and rename it into place."""
-    tmp = run.root / ".model.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write_model(tmp)
-    if run.model.exists():
-        discard(run.model)
-    os.replace(tmp, run.model)
 
 
 _open: list[Any] = []
@@ -381,18 +214,6 @@ class Throughput:
         out = {"samples_per_sec": self.samples / dt, "tokens_per_sec": self.tokens / dt}
         self.t0, self.samples, self.tokens = time.perf_counter(), 0, 0
         return out
-
-
-def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """`key: old -> new` for every dotted key whose value differs between two config dicts."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
 
 
 class StopRequest:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from align import data as D
+from align.checkpoint import resume_point
 from align.config import SFTConfig
 from align.errors import AlignError
 from align.modeling import context_length, load_trainable, packs_exactly
@@ -85,7 +86,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, force: bool = False, dry_run
         return supervised_plan("sft", cfg, AutoModelForCausalLM, model_config, report, n_steps, global_batch,
                                merged=cfg.lora.merge)
 
-    ckpt = run.latest_checkpoint() if resume else None
+    ckpt = resume_point(run) if resume else None
     model = load_trainable(AutoModelForCausalLM, cfg.model, cfg.lora, tokenizer, accelerator.device, ckpt)
     packed = cfg.train.padding_free is not False and packs_exactly(model)
     if cfg.train.padding_free and not packed:

@@ -28,10 +28,11 @@ import torch
 from align import data as D
 from align.config import TrainConfig
 from align.errors import AlignError
+from align.checkpoint import Checkpointer
 from align.modeling import count_parameters, parameter_counts, save_model
-from align.runtime import (Checkpointer, MetricsLogger, NonFiniteGuard, RunDir, StopRequest, Stopped, Throughput,
-                           finish_model, load_trainer_state, make_optimizer, make_scheduler, peak_memory_mb, progress,
-                           rng_state, set_rng_state, write_summary)
+from align.rundir import RunDir, finish_model, write_summary
+from align.runtime import (MetricsLogger, NonFiniteGuard, StopRequest, Stopped, Throughput, make_optimizer,
+                           make_scheduler, peak_memory_mb, progress)
 
 Terms = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -57,7 +58,8 @@ def open_stage(cfg: Any, resume: bool, force: bool, dry_run: bool) -> tuple[Any,
     """What every supervised stage does first: processes, seed, the checked run directory, the
     model's config (checked, not loaded) and the tokenizer."""
     from align.modeling import inspect_model, load_tokenizer
-    from align.runtime import make_accelerator, prepare_run_dir, set_seed
+    from align.rundir import prepare_run_dir
+    from align.runtime import make_accelerator, set_seed
 
     accelerator = make_accelerator(cfg.train.mixed_precision)
     set_seed(cfg.seed)
@@ -145,14 +147,12 @@ def fit(stage: Stage, *, t: TrainConfig, seed: int, run: RunDir, accelerator: An
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
+    checkpointer = Checkpointer(run, t.keep_checkpoints, accelerator, models={"model": (unwrapped, tokenizer)},
+                                stateful={"optimizer": optimizer, "scheduler": scheduler})
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": float("inf"), "evals_without_gain": 0,
              "tokens_seen": 0, "train_time": 0.0}
     if resume_from is not None:
-        saved = load_trainer_state(resume_from)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"])
-        state.update(saved["state"])
+        state.update(checkpointer.restore(resume_from))
 
     trainable, total = count_parameters(model)
     if is_main:
@@ -162,14 +162,6 @@ def fit(stage: Stage, *, t: TrainConfig, seed: int, run: RunDir, accelerator: An
             print(f"{stage.name}: resumed from {resume_from} at step {state['step']}", flush=True)
 
     logger = MetricsLogger(run, is_main, state["step"] if resume_from is not None else None)
-    checkpointer = Checkpointer(run, t.keep_checkpoints)
-
-    def write_checkpoint() -> None:
-        if is_main:
-            checkpointer.save(state["step"], lambda p: save_model(unwrapped, tokenizer, p), {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                "state": state})
-        accelerator.wait_for_everyone()
 
     # The epoch order is recomputed from the seed; a resumed run skips what it already consumed.
     batches = D.global_batches(len(train_items), global_batch, seed, start_epoch=state["epoch"])
@@ -251,13 +243,13 @@ def fit(stage: Stage, *, t: TrainConfig, seed: int, run: RunDir, accelerator: An
                           f"{state['evals_without_gain']} evaluations (best {state['best_val_loss']:.4f})", flush=True)
         state["train_time"] = time.time() - t_loop
         if stop_request.should_stop(accelerator) and state["step"] < n_steps:
-            write_checkpoint()
+            checkpointer.save(state["step"], state)
             bar.close()
             stop_request.__exit__()
             raise Stopped(f"{stage.name}: stopped at step {state['step']} of {n_steps}; checkpoint saved in "
                           f"{run.checkpoints}, continue with --resume")
         if state["step"] % t.save_every == 0 and state["step"] < n_steps and not stop:
-            write_checkpoint()
+            checkpointer.save(state["step"], state)
         if stop:
             break
     bar.close()

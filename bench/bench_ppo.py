@@ -50,7 +50,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from align.config import PPOConfig, from_dict, parse_override, set_dotted
     from align.ppo import train_ppo
-    from align.runtime import read_metrics
+    from align.rundir import read_metrics
 
     root = Path(tempfile.mkdtemp(prefix="align_bench_ppo_"))
     paths = build_in_subprocess("ppo", root, args.hidden, args.layers, num_prompts=max(args.num_prompts, args.batch),

@@ -45,7 +45,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from align.config import SFTConfig, from_dict, parse_override, set_dotted
-    from align.runtime import read_metrics
+    from align.rundir import read_metrics
     from align.sft import train_sft
 
     root = Path(tempfile.mkdtemp(prefix="align_bench_sft_"))

@@ -126,7 +126,8 @@ def main() -> None:
                        max(6, args.reps // 3)))
 
     # 6. PPO scoring forward: logits for every position vs only the response's (logits_to_keep)
-    from align.bundle import position_ids, response_logits
+    from align.bundle import response_logits
+    from align.reward import position_ids
 
     for V in (260, 32000):
         model = llama(256, 4, vocab=V).eval()

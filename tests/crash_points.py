@@ -11,7 +11,8 @@ POINT is where the checkpoint of optimizer step STEP (or the final model) is cut
     final-model      the final model's files written into its temporary directory, not yet renamed
 
 A kill is uncatchable: nothing is flushed or cleaned up, exactly as when a machine is preempted.
-The patches wrap align.runtime without changing what it does; only the test suite uses this.
+The patches wrap align.checkpoint and align.rundir without changing what they do; only the test suite
+uses this.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from align import runtime
+from align import checkpoint, rundir
 
 point, kill_step = sys.argv.pop(1), int(sys.argv.pop(1))
 
@@ -33,16 +34,16 @@ def kill() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-save = runtime.Checkpointer.save
+write_checkpoint = checkpoint.write_checkpoint
 
 
-def save_then_maybe_kill(self: runtime.Checkpointer, step: int, write_models, state):  # type: ignore[no-untyped-def]
+def write_then_maybe_kill(run, step: int, write_models, trainer_state, keep):  # type: ignore[no-untyped-def]
     def write(path: Path) -> None:
         write_models(path)
         if point == "models-written" and step == kill_step:
             kill()
 
-    return save(self, step, write, state)
+    return write_checkpoint(run, step, write, trainer_state, keep)
 
 
 torch_save = torch.save
@@ -54,7 +55,7 @@ def torch_save_then_maybe_kill(obj, f, *args, **kwargs):  # type: ignore[no-unty
         kill()
 
 
-atomic_write_text = runtime.atomic_write_text
+atomic_write_text = checkpoint.atomic_write_text
 
 
 def kill_before_pointer_moves(path: Path, text: str) -> None:
@@ -73,10 +74,10 @@ def delete_one_file_then_kill(path, *args, **kwargs):  # type: ignore[no-untyped
     rmtree(path, *args, **kwargs)
 
 
-finish_model = runtime.finish_model
+finish_model = rundir.finish_model
 
 
-def finish_then_maybe_kill(run: runtime.RunDir, write_model) -> None:  # type: ignore[no-untyped-def]
+def finish_then_maybe_kill(run: rundir.RunDir, write_model) -> None:  # type: ignore[no-untyped-def]
     def write(path: Path) -> None:
         write_model(path)
         if point == "final-model":
@@ -85,11 +86,11 @@ def finish_then_maybe_kill(run: runtime.RunDir, write_model) -> None:  # type: i
     finish_model(run, write)
 
 
-runtime.Checkpointer.save = save_then_maybe_kill
+checkpoint.write_checkpoint = write_then_maybe_kill
 torch.save = torch_save_then_maybe_kill
-runtime.atomic_write_text = kill_before_pointer_moves
+checkpoint.atomic_write_text = kill_before_pointer_moves
 shutil.rmtree = delete_one_file_then_kill
-runtime.finish_model = finish_then_maybe_kill
+rundir.finish_model = finish_then_maybe_kill
 
 from align.cli import main  # noqa: E402  (after the patches, so the stage modules import the patched names)
 

@@ -372,7 +372,9 @@ def test_several_problems_of_one_file_are_reported_together_up_to_a_limit(tmp_pa
 
 def test_a_tokenizer_without_a_pad_token_gets_its_own(tmp_path: Path, tiny_model_dir: Path,
                                                       inputs: dict[str, Path]) -> None:
-    """Not an error: align adds a dedicated pad token (never EOS) and grows the embeddings."""
+    """Not an error: align pads with an unused token of the vocabulary (here the tokenizer's own
+    [PAD], no longer declared as pad), never EOS, so the embeddings keep their size. Adding a
+    token when none is unused is covered in test_hf_interop.py."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = tmp_path / "no-pad"
@@ -385,6 +387,6 @@ def test_a_tokenizer_without_a_pad_token_gets_its_own(tmp_path: Path, tiny_model
     result = CliRunner().invoke(main, env.command("sft", {}).args)
     assert result.exit_code == 0, result.output + result.stderr
     saved = AutoTokenizer.from_pretrained(env.out / "model")
-    assert saved.pad_token_id is not None and saved.pad_token_id != saved.eos_token_id
+    assert saved.pad_token == "[PAD]" and saved.pad_token_id != saved.eos_token_id
     trained = AutoModelForCausalLM.from_pretrained(env.out / "model")
-    assert trained.get_input_embeddings().num_embeddings == len(saved) == len(tok) + 1
+    assert trained.get_input_embeddings().num_embeddings == len(saved) == len(tok)

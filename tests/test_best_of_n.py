@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from align import data as D
-from align.bundle import Reward, call_reward_function
+from align.reward import Reward, call_reward_function
 from align.config import EvalConfig, ModelConfig, from_dict
 from align.generation import decode_responses, sample
 from align.runtime import set_seed

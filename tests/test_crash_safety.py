@@ -27,7 +27,8 @@ import torch
 from click.testing import CliRunner
 
 from align.cli import main
-from align.runtime import load_trainer_state, read_metrics
+from align.checkpoint import load_trainer_state
+from align.rundir import read_metrics
 
 TESTS = Path(__file__).resolve().parent
 TIMING_KEYS = {"samples_per_sec", "tokens_per_sec", "peak_memory_mb"}
@@ -271,7 +272,7 @@ def test_ppo_skips_an_update_with_a_nan_loss(tiny_model_dir: Path, prompts_file:
     import align.ppo
 
     # one minibatch per step: the policy loss is NaN in steps 2 and 3
-    monkeypatch.setattr(align.ppo, "policy_loss", nan_at(align.ppo.policy_loss, {2, 3}))
+    monkeypatch.setattr(align.ppo, "clipped_policy_loss", nan_at(align.ppo.clipped_policy_loss, {2, 3}))
     config = ppo_yaml(tmp_path / "ppo.yaml", tmp_path / "run", tiny_model_dir, prompts_file)
     result = CliRunner().invoke(main, ["ppo", str(config)])
     assert result.exit_code == 0, result.output + result.stderr
@@ -285,7 +286,7 @@ def test_ppo_stops_after_nan_losses_in_a_row(tiny_model_dir: Path, prompts_file:
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import align.ppo
 
-    monkeypatch.setattr(align.ppo, "policy_loss", nan_at(align.ppo.policy_loss, lambda call: True))
+    monkeypatch.setattr(align.ppo, "clipped_policy_loss", nan_at(align.ppo.clipped_policy_loss, lambda call: True))
     config = ppo_yaml(tmp_path / "ppo.yaml", tmp_path / "run", tiny_model_dir, prompts_file, max_nonfinite_steps=2)
     result = CliRunner().invoke(main, ["ppo", str(config)])
     assert result.exit_code == 2

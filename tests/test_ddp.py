@@ -11,7 +11,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from align.runtime import read_metrics
+from align.rundir import read_metrics
 from align.sft import train_sft
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,8 +22,10 @@ SHORT = (
     "ppo.ppo.rollout_batch_size=16", "ppo.ppo.mini_batch_size=8", "ppo.ppo.micro_batch_size=8",
     "ppo.ppo.ppo_epochs=1", "ppo.eval.max_samples=16",
     "dpo.train.batch_size=16", "dpo.train.warmup_steps=0",
-    "grpo.rl.rollout_batch_size=16", "grpo.rl.num_generations=4", "grpo.rl.micro_batch_size=8",
-    "rloo.rl.rollout_batch_size=16", "rloo.rl.num_generations=4", "rloo.rl.micro_batch_size=8",
+    "grpo.ppo.rollout_batch_size=16", "grpo.ppo.n_samples_per_prompt=4", "grpo.ppo.mini_batch_size=16",
+    "grpo.ppo.micro_batch_size=8", "grpo.eval.max_samples=16",
+    "rloo.ppo.rollout_batch_size=16", "rloo.ppo.n_samples_per_prompt=4", "rloo.ppo.mini_batch_size=16",
+    "rloo.ppo.micro_batch_size=8", "rloo.eval.max_samples=16",
     "eval.best_of=2",
 )
 
@@ -31,13 +33,13 @@ SHORT = (
 def test_budget_is_shared_and_a_contradiction_is_an_error(tmp_path: Path) -> None:
     plan = load_recipe(str(ALL), (f"output_root={tmp_path}", "budget_episodes=512"))
     assert plan.stages["ppo"].ppo.total_episodes == 512
-    assert plan.stages["grpo"].rl.total_episodes == plan.stages["rloo"].rl.total_episodes == 512
+    assert plan.stages["grpo"].ppo.total_episodes == plan.stages["rloo"].ppo.total_episodes == 512
     dpo = plan.stages["dpo"].train
     assert dpo.max_steps * dpo.batch_size * dpo.grad_accum == 512
     assert plan.stages["eval"].names == ["sft", "sft+ppo", "sft+dpo", "sft+grpo", "sft+rloo"]
     assert plan.stages["grpo"].reward.model == str(tmp_path / "rm")
     with pytest.raises(ConfigError, match="budget_episodes"):
-        load_recipe(str(ALL), (f"output_root={tmp_path}", "grpo.rl.total_episodes=64"))
+        load_recipe(str(ALL), (f"output_root={tmp_path}", "grpo.ppo.total_episodes=64"))
 
 
 def test_short_multi_method_recipe_reports_every_method_with_its_compute(tmp_path: Path) -> None:

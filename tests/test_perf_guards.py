@@ -172,7 +172,7 @@ def test_entropy_without_bonus_leaves_the_gradient_unchanged() -> None:
 
 @pytest.mark.slow
 def test_padding_free_sft_run_matches_padded(make_sft_config: Any, tmp_path: Path) -> None:
-    from align.runtime import read_metrics
+    from align.rundir import read_metrics
     from align.sft import train_sft
 
     losses = []
@@ -193,7 +193,8 @@ def test_padding_free_sft_run_matches_padded(make_sft_config: Any, tmp_path: Pat
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_response_logits_with_logits_to_keep_match_full_logits(tiny_llama: Any, lora: bool) -> None:
-    from align.bundle import _keeps_logits, position_ids, response_logits
+    from align.bundle import _keeps_logits, response_logits
+    from align.reward import position_ids
 
     model = tiny_llama
     if lora:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from align.config import PPOConfig, SFTConfig, from_dict
-from align.runtime import read_metrics
+from align.rundir import read_metrics
 
 TEMPLATE = "Q: {prompt}\nA: "
 

@@ -11,7 +11,7 @@ import torch
 
 from align.config import RMConfig, from_dict
 from align.rm import NORMALIZATION_FILE, sequence_scores, train_rm
-from align.runtime import read_metrics
+from align.rundir import read_metrics
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -62,7 +62,7 @@ def test_normalisation_makes_reference_responses_score_zero(tiny_model_dir, toy_
     train_rm(cfg)
     bias = json.loads((tmp_path / "rm" / "model" / NORMALIZATION_FILE).read_text())["bias"]
     from align.config import ModelConfig, PPOConfig
-    from align.bundle import Reward
+    from align.reward import Reward
     from align.generation import left_pad, Rollout
 
     ppo_cfg = from_dict(PPOConfig, {"output_dir": "x", "model": {"path": str(tiny_model_dir)}, "data": {"train": "x"},

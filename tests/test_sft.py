@@ -18,7 +18,7 @@ from align import data as D
 from align.cli import main
 from align.config import SFTConfig, load_config
 from align.errors import AlignError
-from align.runtime import read_metrics
+from align.rundir import read_metrics
 from align.sft import load_sft_examples, train_sft
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,7 +173,8 @@ def test_generate_cli_uses_the_run_template(trained_run: tuple[Path, SFTConfig, 
 
 @pytest.mark.slow
 def test_lora_adapter_and_merged_model_load_with_from_pretrained(
-        make_sft_config: Callable[..., SFTConfig], tiny_model_dir: Path, tmp_path: Path) -> None:
+        make_sft_config: Callable[..., SFTConfig], tiny_model_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoModelForCausalLM
 
     lora = {"lora.enabled": True, "lora.r": 4, "lora.alpha": 8, "lora.target": "all", "train.max_steps": 8,
@@ -187,6 +188,9 @@ def test_lora_adapter_and_merged_model_load_with_from_pretrained(
     assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # all but lm_head
     assert (merged_dir / "model.safetensors").is_file() and not (merged_dir / "adapter_config.json").exists()
 
+    # The adapter records its base relative to itself; plain transformers resolves that against the
+    # working directory (align resolves it against the adapter directory, see test_hf_interop.py).
+    monkeypatch.chdir(adapter_dir)
     with_adapter = AutoModelForCausalLM.from_pretrained(adapter_dir).eval()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
