@@ -80,11 +80,15 @@ def main() -> None:
 def init_model_cmd(out_dir: str, hidden: int, layers: int, heads: int, max_position: int, vocab_size: int,
                    corpus: str | None, seed: int) -> None:
     """Build a tiny Llama-style model and byte-level tokenizer and save both to OUT_DIR."""
-    from align.modeling import init_tiny_model
+    from align.modeling import check_tiny_sizes, init_tiny_model
 
+    check_tiny_sizes(hidden=hidden, layers=layers, heads=heads, max_position=max_position, vocab_size=vocab_size)
     if Path(out_dir).exists():
         raise AlignError(f"output directory '{out_dir}' already exists")
-    lines = Path(corpus).read_text(encoding="utf-8").splitlines() if corpus else None
+    try:
+        lines = Path(corpus).read_text(encoding="utf-8").splitlines() if corpus else None
+    except UnicodeDecodeError:
+        raise AlignError(f"--corpus '{corpus}': not UTF-8 text") from None
     path = init_tiny_model(out_dir, hidden=hidden, layers=layers, heads=heads, max_position=max_position,
                            vocab_size=vocab_size, corpus=lines, seed=seed)
     click.echo(f"saved a {layers}-layer, {hidden}-wide Llama-style model and its tokenizer to {path}")
@@ -213,13 +217,29 @@ def compare_cmd(paths: tuple[str, ...], out: str | None, samples: int) -> None:
               help="Override a size or parameter of the task, e.g. --size n_sft=8000.")
 @user_errors
 def task_cmd(name: str, out_dir: str, seed: int, sizes: tuple[str, ...]) -> None:
-    """Generate a task's data (SFT demos, preference pairs, prompts, eval set) into OUT_DIR."""
+    """Generate a task's data (SFT demos, preference pairs, prompts, eval set) into OUT_DIR.
+
+    An existing OUT_DIR that is not empty is refused, unless it already holds this very task (same
+    name, seed and parameters in its task.json): then it is reused as it is."""
     from align.config import parse_override
-    from align.tasks import get_task
+    from align.tasks import existing_task, get_task, task_params
 
     try:
         build = get_task(name)
-        paths = build(Path(out_dir), seed=seed, **dict(parse_override(s) for s in sizes))
+    except ValueError as e:
+        raise AlignError(f"task {name}: {e}") from None
+    given = dict(parse_override(s) for s in sizes)
+    params = task_params(build, given, lambda key: f"--size {key}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        differs = existing_task(out, name, seed, params)
+        if differs is None:
+            click.echo(f"task: {out_dir} already holds task {name} with seed {seed} and these parameters; reused")
+            return
+        raise AlignError(f"OUT_DIR '{out_dir}' is not empty ({differs}); give a new directory or delete this one "
+                         "(an existing directory is reused only when it holds the identical task)")
+    try:
+        paths = build(out, seed=seed, **given)
     except (ValueError, TypeError) as e:
         raise AlignError(f"task {name}: {e}") from None
     click.echo(f"wrote {', '.join(sorted(paths))} to {out_dir}")
@@ -238,11 +258,13 @@ def _summary_line(stage: str, output_dir: str, summary: dict[str, Any]) -> str:
               help="Prompt template; defaults to the one in MODEL_PATH's run config, else '{prompt}'.")
 @click.option("--chat", is_flag=True,
               help="Send each prompt as one user message through the tokenizer's chat template instead.")
-@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--max-new-tokens", default=None, type=int,
+              help="Most tokens to sample [default: 64, fewer when the model's context leaves less room].")
 @click.option("--temperature", default=0.0, show_default=True, help="0 means greedy decoding.")
 @click.option("--seed", default=0, show_default=True)
 @user_errors
-def generate_cmd(model_path: str, prompts: tuple[str, ...], template: str | None, chat: bool, max_new_tokens: int,
+def generate_cmd(model_path: str, prompts: tuple[str, ...], template: str | None, chat: bool,
+                 max_new_tokens: int | None,
                  temperature: float, seed: int) -> None:
     """Sample responses from any checkpoint, with the prompt template used in training, or with
     --chat the tokenizer's chat template (what a chat-format SFT run trains on).
@@ -255,12 +277,17 @@ def generate_cmd(model_path: str, prompts: tuple[str, ...], template: str | None
     from align.config import ModelConfig
     from align.data import apply_template, bos_prefix, render_chat
     from align.generation import decode_responses, sample
-    from align.modeling import load_pretrained, load_tokenizer
+    from align.modeling import context_length, inspect_model, load_pretrained, load_tokenizer
+    from align.runinfo import run_prompt_template as recorded_template
 
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise AlignError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
     if temperature < 0:
         raise AlignError("--temperature must be >= 0")
     if chat and template is not None:
         raise AlignError("--chat and --template exclude each other: --chat applies the tokenizer's chat template")
+    # Checked before any weight loads: the path, its config and weight files, then every prompt.
+    context = context_length(inspect_model(model_path, "MODEL_PATH", place="MODEL_PATH"))
     tokenizer = load_tokenizer(model_path, padding_side="left")
     if chat:
         if not getattr(tokenizer, "chat_template", None):
@@ -270,12 +297,29 @@ def generate_cmd(model_path: str, prompts: tuple[str, ...], template: str | None
                  for p in prompts]
         prefix: list[int] = []
     else:
-        template = template or run_prompt_template(model_path) or "{prompt}"
-        texts = [apply_template(template, {"prompt": p}, "--prompt") for p in prompts]
+        template = template or recorded_template(model_path) or "{prompt}"
+        texts = [apply_template(template, {"prompt": p}, "--prompt" if len(prompts) == 1 else f"--prompt #{i}")
+                 for i, p in enumerate(prompts, 1)]
         prefix = bos_prefix(tokenizer)
+    ids = []
+    for i, text in enumerate(texts, 1):
+        where = "--prompt" if len(prompts) == 1 else f"--prompt #{i}"
+        text_ids = tokenizer(text, add_special_tokens=False).input_ids
+        if not text_ids:
+            raise AlignError(f"{where}: the prompt is empty after templating (no tokens); give a non-empty --prompt")
+        n = len(prefix) + len(text_ids)
+        if context is not None and n >= context:
+            raise AlignError(f"{where}: the prompt is {n} tokens, as long as or longer than the model's context "
+                             f"({context} positions), leaving no room for a response; shorten it")
+        if context is not None and max_new_tokens is not None and n + max_new_tokens > context:
+            raise AlignError(f"{where}: the prompt is {n} tokens; with --max-new-tokens {max_new_tokens} it runs past "
+                             f"the model's context ({context} positions); shorten it or lower --max-new-tokens to "
+                             f"{context - n} or less")
+        ids.append(prefix + text_ids)
+    if max_new_tokens is None:  # the default: 64, or what the longest prompt leaves of the context
+        max_new_tokens = min(64, context - max(map(len, ids))) if context is not None else 64
     model = load_pretrained(AutoModelForCausalLM, ModelConfig(path=model_path), tokenizer, trainable=False)
     torch.manual_seed(seed)
-    ids = [prefix + tokenizer(text, add_special_tokens=False).input_ids for text in texts]
     rollout = sample(model, tokenizer, ids, max_new_tokens, temperature=temperature or 1.0, greedy=temperature == 0)
     for p, r in zip(prompts, decode_responses(tokenizer, rollout)):
         click.echo(f"{p}{r}" if len(prompts) == 1 else f"--- {p}\n{r}")
@@ -304,6 +348,7 @@ def sample_cmd(model_path: str, prompts: str, best_of: int, out: str, reward_mod
     {prompt, response, score} JSONL (SFT data). Keys: see SampleConfig in docs/configuration.md."""
     from align.best_of_n import run_sample
     from align.config import SampleConfig, build_config, parse_override, set_dotted
+    from align.runinfo import run_prompt_template
 
     data = {"model": model_path, "prompts": prompts, "best_of": best_of, "out": out, "reward_model": reward_model,
             "reward_function": reward_function, "prompt_template": template or run_prompt_template(model_path),
@@ -316,20 +361,6 @@ def sample_cmd(model_path: str, prompts: str, best_of: int, out: str, reward_mod
     click.echo(f"sample: wrote {s['prompts']} best-of-{s['best_of']} responses to {out} (mean score "
                f"{s['mean_best_score']:.4g} kept vs {s['mean_sample_score']:.4g} per sample; "
                f"{s['tokens_generated']:,} tokens generated in {s['wall_time_sec']:.1f}s)")
-
-
-def run_prompt_template(model_path: str) -> str | None:
-    """The prompt template recorded in a run directory's config.yaml (for `<run>` or `<run>/model`)."""
-    import yaml
-
-    p = Path(model_path)
-    cfg_path = p / "config.yaml" if (p / "config.yaml").is_file() else p.parent / "config.yaml"
-    if cfg_path.is_file() and (cfg_path.parent == p or p.name == "model"):
-        data = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
-        template = (data.get("data") or {}).get("prompt_template")
-        if isinstance(template, str):
-            return template
-    return None
 
 
 if __name__ == "__main__":

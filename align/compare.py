@@ -142,10 +142,13 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AlignError(f"{path}: cannot read JSON: {e}") from None
+    except RecursionError:
+        raise AlignError(f"{path}: cannot read JSON: nested too deeply") from None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Responses, one JSON object per prompt; strict, since a lost line would shift every prompt after it."""
+    """Responses, one JSON object per prompt; strict, since a lost line would shift every prompt after it.
+    Texts must be strings and scores numbers (or null), or the line is named."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -156,10 +159,60 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise AlignError(f"{path}:{i}: not JSON: {e.msg}") from None
+        except RecursionError:
+            raise AlignError(f"{path}:{i}: JSON nested too deeply to read") from None
         if not isinstance(row, dict) or "prompt" not in row:
             raise AlignError(f"{path}:{i}: expected an object with a 'prompt' field")
+        for key, kind in RESPONSE_FIELDS.items():
+            if key in row and not _is(row[key], kind, optional=key != "prompt"):
+                raise AlignError(f"{path}:{i}: field '{key}' must be {KIND_NAMES[kind]}, got "
+                                 f"{type(row[key]).__name__}; rerun `align eval`")
         rows.append(row)
     return rows
+
+
+# What compare reads from align eval's files, and the type each must have (None is allowed for
+# every number: a non-finite value is written as null).
+RESPONSE_FIELDS = {"prompt": "text", "response": "text", "sampled_response": "text", "reward": "number",
+                   "gold_reward": "number", "sampled_reward": "number", "sampled_gold_reward": "number"}
+COMPUTE_FIELDS = {"wall_time_sec": "number", "tokens": "number", "episodes": "number", "peak_memory_mb": "number",
+                  "tokens_generated": "number", "stages": "texts"}
+KIND_NAMES = {"text": "a string", "number": "a number", "texts": "a list of strings", "mapping": "an object",
+              "list": "a list"}
+
+
+def _is(value: Any, kind: str, optional: bool = True) -> bool:
+    if value is None:
+        return optional
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "texts":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, {"text": str, "mapping": dict, "list": list}[kind])
+
+
+def check_results(path: Path, results: dict[str, Any]) -> None:
+    """The shape of a results.json, as `align eval` writes it: an error naming the file and the key
+    of the first value of the wrong type (a metric that is a string, `models` not a list, ...)."""
+    def need(value: Any, kind: str, key: str, optional: bool = True) -> None:
+        if not _is(value, kind, optional):
+            got = "nothing" if value is None else type(value).__name__
+            raise AlignError(f"{path}: key '{key}' must be {KIND_NAMES[kind]}, got {got}; "
+                             "rerun `align eval` to rewrite it")
+
+    need(results.get("models"), "list", "models")
+    need(results.get("baseline"), "text", "baseline")
+    for i, entry in enumerate(results.get("models") or []):
+        need(entry, "mapping", f"models[{i}]", optional=False)
+        need(entry.get("name"), "text", f"models[{i}].name", optional=False)
+        need(entry.get("responses"), "text", f"models[{i}].responses", optional=False)
+        need(entry.get("path"), "text", f"models[{i}].path")
+        need(entry.get("metrics"), "mapping", f"models[{i}].metrics")
+        for key, value in (entry.get("metrics") or {}).items():
+            need(value, "number", f"models[{i}].metrics.{key}")
+        need(entry.get("compute"), "mapping", f"models[{i}].compute")
+        for key, kind in COMPUTE_FIELDS.items():
+            need((entry.get("compute") or {}).get(key), kind, f"models[{i}].compute.{key}")
 
 
 def locate(path: str, results_dir: Path) -> Path | None:
@@ -175,12 +228,10 @@ def locate(path: str, results_dir: Path) -> Path | None:
 
 
 def load_models(results_path: Path, results: dict[str, Any]) -> list[Model]:
+    check_results(results_path, results)
     models = []
     for entry in results.get("models") or []:
-        try:
-            name, rel = entry["name"], entry["responses"]
-        except (KeyError, TypeError):
-            raise AlignError(f"{results_path}: a model entry lacks 'name' or 'responses'") from None
+        name, rel = entry["name"], entry["responses"]
         responses_path = results_path.parent / rel
         if not responses_path.is_file():
             raise AlignError(f"{responses_path}: responses of model '{name}' are missing")
@@ -299,8 +350,8 @@ def text_table(table: Table) -> str:
 
 def series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
     """(steps, values) of `key` over the rows that hold a finite number for it."""
-    pts = [(r["step"], r[key]) for r in rows
-           if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and "step" in r]
+    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+           and isinstance(r.get("step"), (int, float))]
     return [s for s, _ in pts], [v for _, v in pts]
 
 

@@ -789,6 +789,8 @@ class InitModelConfig(Command):
     def check(self) -> list[str]:
         if self.hidden % self.heads:
             return [bad("hidden", f"({self.hidden}) must be a multiple of heads ({self.heads})")]
+        if (self.hidden // self.heads) % 2:  # rotary embeddings rotate pairs of dimensions
+            return [bad("hidden", f"/ heads ({self.hidden // self.heads}) must be even (the head size)")]
         return []
 
 
@@ -823,21 +825,9 @@ def build_config(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
-    return data
+    from align.yaml_io import read_yaml as read_strict  # duplicate keys and alias bombs refused
+
+    return read_strict(path)
 
 
 def parse_override(item: str) -> tuple[str, Any]:

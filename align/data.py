@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -92,12 +93,16 @@ def _read_json(path: Path) -> list[Record]:
             raise AlignError(f"{path}: not valid UTF-8 (byte {e.start})") from None
         except json.JSONDecodeError as e:
             raise AlignError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        except RecursionError:
+            raise AlignError(f"{path}: {TOO_DEEP}") from None
         records, problems = [], []
         for i, item in enumerate(items, 1):
-            if isinstance(item, dict):
-                records.append(Record(f"{path}[{i}]", item))
-            else:
+            if not isinstance(item, dict):
                 problems.append(f"{path}[{i}]: expected a JSON object, got {type(item).__name__}")
+            elif (field := _surrogate_field(item)) is not None:
+                problems.append(f"{path}[{i}]: {LONE_SURROGATE.format(field=field)}")
+            else:
+                records.append(Record(f"{path}[{i}]", item))
         if problems:
             raise DataError(problems)
         return records
@@ -114,13 +119,46 @@ def _read_json(path: Path) -> list[Record]:
         except json.JSONDecodeError as e:
             problems.append(f"{where}: invalid JSON: {e.msg} (column {e.colno})")
             continue
+        except RecursionError:
+            problems.append(f"{where}: {TOO_DEEP}")
+            continue
         if not isinstance(obj, dict):
             problems.append(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            continue
+        # Only a \uD800-\uDFFF escape can put a lone surrogate into decoded text: look only then.
+        if _SURROGATE_ESCAPE.search(line) and (field := _surrogate_field(obj)) is not None:
+            problems.append(f"{where}: {LONE_SURROGATE.format(field=field)}")
             continue
         records.append(Record(where, obj))
     if problems:
         raise DataError(problems, MAX_REPORTED_PROBLEMS)
     return records
+
+
+TOO_DEEP = "JSON nested too deeply to read (deeper than Python's recursion limit); a record holds text fields"
+LONE_SURROGATE = ("field '{field}' holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair), "
+                  "which is not text a tokenizer can read; fix or remove the escape")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _surrogate_field(obj: Any) -> str | None:
+    """The path (`messages[1].content`) of the first string in `obj`, key or value, that holds a
+    lone surrogate (unencodable as UTF-8); None when there is none. Iterative: records may nest."""
+    stack: list[tuple[Any, str]] = [(obj, "")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "(record)"
+        elif isinstance(node, dict):
+            for key, value in reversed(list(node.items())):
+                stack.append((value, f"{where}.{key}" if where else str(key)))
+                stack.append((key, f"{where}.{key!r}" if where else repr(key)))
+        elif isinstance(node, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in reversed(list(enumerate(node))))
+    return None
 
 
 def _read_with_datasets(path: str, kind: str, split: str) -> list[Record]:
@@ -205,12 +243,22 @@ def _record_problems(rec: Record, fmt: str, required: tuple[str, ...]) -> list[s
 
 
 def _messages_problems(where: str, name: str, messages: Any) -> list[str]:
+    """A message list's problems: not a list of {role, content} strings; an empty assistant turn
+    (rejected like an empty response: it trains the model to stop at once); and for a conversation
+    (`messages`, or a preference record's `prompt`) an opening assistant turn, which answers no one.
+    A preference record's `chosen`/`rejected` may hold assistant turns alone (the prompt is apart)."""
     if not isinstance(messages, list) or not messages:
         return [f"{where}: field '{name}' must be a non-empty list of messages"]
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             return [f"{where}: {name}[{i}] must be an object with string 'role' and 'content'"]
-    return []
+    out = [f"{where}: {name}[{i}] is an empty assistant turn; write its answer or drop the turn"
+           for i, m in enumerate(messages) if m["role"] == "assistant" and not m["content"].strip()]
+    opening = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
+    if name in ("messages", "prompt") and opening is not None and messages[opening]["role"] == "assistant":
+        out.insert(0, f"{where}: {name}[{opening}] opens the conversation with an assistant turn; it must start "
+                      "with a user turn (after any system turn)")
+    return out
 
 
 def prompt_fields(rec: Record, fmt: str) -> dict[str, str]:

@@ -17,21 +17,24 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from align import data as D
 from align.bundle import response_logits
 from align.reward import Reward, call_reward_function, load_reward_function
 from align.config import EvalConfig, ModelConfig
+from align.errors import ConfigError
 from align.generation import decode_responses, sample
 from align.modeling import context_length, inspect_model, load_pretrained, load_tokenizer, resolve_model_path
 from align.ops import masked_nll_sum, selective_log_softmax, token_correct
 from align.rundir import atomic_write_text
+from align.rundir import RunDir
+from align.runinfo import config_value, read_run_config, read_summary, summary_number
 from align.runtime import peak_memory_mb, set_seed
 
 
@@ -40,30 +43,59 @@ def model_name(path: str) -> str:
     return p.parent.name if p.name == "model" else p.name
 
 
+def check_names(names: list[str], given: bool) -> None:
+    """Every display name must be a plain file name: responses are written to
+    `responses/<name>.jsonl`, and nothing may land outside `output_dir`. Errors name `names[i]`, or
+    `models[i]` for a name taken from a model's path."""
+    for i, name in enumerate(names):
+        problem = None
+        if not isinstance(name, str) or not name.strip():
+            problem = "is empty"
+        elif "/" in name or "\\" in name or os.sep in name:
+            problem = "contains a path separator"
+        elif ".." in name:
+            problem = "contains '..'"
+        elif any(ord(c) < 32 for c in name):
+            problem = "contains a control character"
+        if problem is None:
+            continue
+        if given:
+            raise ConfigError(f"config key 'names[{i}]' ({name!r}) {problem}; a name becomes the file "
+                              "responses/<name>.jsonl in output_dir: use a plain name such as 'sft'")
+        raise ConfigError(f"config key 'models[{i}]': the model name {name!r} taken from its path {problem}; "
+                          "set config key 'names'")
+
+
 def lineage_compute(path: str) -> dict[str, Any]:
     """Compute spent to produce the model at `path`: its run's summary plus every run it was built
     from, following each run's `model.path` (the model it started from) and `reward.model` (the
     reward model it was trained against: SFT+PPO pays for its reward model too). Each run counts
-    once; stages are listed upstream first. Empty for a model that is not an align run."""
+    once; stages are listed upstream first. Empty for a model that is not an align run. A damaged
+    config.yaml or summary.json along the chain is an error naming the file."""
     totals: dict[str, Any] = {"wall_time_sec": 0.0, "tokens": 0, "episodes": 0, "peak_memory_mb": 0.0, "stages": []}
     seen: set[Path] = set()
 
     def visit(p: str) -> None:
-        run = Path(p).parent if Path(p).name == "model" else Path(p)
+        run = RunDir.of(p).root
         if not (run / "summary.json").is_file() or run.resolve() in seen:
             return
         seen.add(run.resolve())
-        config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
-        for section in ("model", "reward"):
-            upstream = ((config or {}).get(section) or {}).get("path" if section == "model" else "model")
-            if isinstance(upstream, str):
+        cfg_path = run / "config.yaml"
+        config = read_run_config(cfg_path) if cfg_path.is_file() else {}
+        for key in ("model.path", "reward.model"):
+            upstream = config_value(config, cfg_path, key)
+            if upstream:
                 visit(upstream)
-        summary = json.loads((run / "summary.json").read_text())
-        totals["wall_time_sec"] += summary.get("train_time_sec", summary.get("wall_time_sec", 0.0))
-        totals["tokens"] += summary.get("tokens_seen", 0) + summary.get("tokens_generated", 0)
-        totals["episodes"] += summary.get("episodes", 0)
-        totals["peak_memory_mb"] = max(totals["peak_memory_mb"], summary.get("peak_memory_mb", 0.0))
-        totals["stages"].append(summary.get("stage", run.name))
+        summary_path = run / "summary.json"
+        summary = read_summary(summary_path)
+        totals["wall_time_sec"] += summary_number(summary, summary_path, "train_time_sec", "wall_time_sec")
+        totals["tokens"] += int(summary_number(summary, summary_path, "tokens_seen")
+                                + summary_number(summary, summary_path, "tokens_generated"))
+        totals["episodes"] += int(summary_number(summary, summary_path, "episodes"))
+        peak = summary_number(summary, summary_path, "peak_memory_mb")
+        totals["peak_memory_mb"] = max(totals["peak_memory_mb"], peak)
+        stage = summary.get("stage")
+        totals["stages"].append(stage if isinstance(stage, str) else run.name)
 
     visit(path)
     return totals
@@ -107,12 +139,15 @@ def evaluate_models(cfg: EvalConfig, dry_run: bool = False) -> dict[str, Any]:
     t0 = time.time()
     out = Path(cfg.output_dir)
     names = cfg.names or [model_name(m) for m in cfg.models]
+    check_names(names, given=bool(cfg.names))
     if len(set(names)) != len(names):
         raise_duplicate(names)
     configs = [inspect_model(m, f"models[{i}]") for i, m in enumerate(cfg.models)]
-    for key in ("reference", "reward_model"):
-        if getattr(cfg, key):
-            inspect_model(getattr(cfg, key), key)
+    if cfg.reference:
+        inspect_model(cfg.reference, "reference", score_head=False)
+    if cfg.reward_model:
+        inspect_model(cfg.reward_model, "reward_model", score_head=True)
+    lineages = [lineage_compute(m) for m in cfg.models]  # a damaged run config or summary stops us here
     paths = [resolve_model_path(m) for m in cfg.models]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(paths[0], key="models[0]")
@@ -191,7 +226,7 @@ def evaluate_models(cfg: EvalConfig, dry_run: bool = False) -> dict[str, Any]:
             metrics.update(validation_metrics(model, tokenizer, cfg, val_examples))
         atomic_write_text(out / "responses" / f"{name}.jsonl",
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        results.append({"name": name, "path": str(path), "metrics": metrics, "compute": lineage_compute(cfg.models[names.index(name)]),
+        results.append({"name": name, "path": str(path), "metrics": metrics, "compute": lineages[names.index(name)],
                         "responses": f"responses/{name}.jsonl"})
         print(f"eval: {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
         if cfg.best_of is not None and name in (cfg.best_of_models or names[:1]):
@@ -242,36 +277,37 @@ def evaluate_best_of_n(model: Any, tokenizer: Any, prompts: list[D.Prompt], rewa
 
 def infer_eval_defaults(models: list[str]) -> dict[str, Any]:
     """Eval settings read off the first PPO run among `models`: its eval prompts, reward, gold reward,
-    reference (the SFT model) and prompt template; and the SFT run's validation file."""
+    reference (the SFT model) and prompt template; and the SFT run's validation file. A damaged run
+    config is an error naming the file and key."""
     for m in models:
-        run = Path(m).parent if Path(m).name == "model" else Path(m)
-        cfg_path = run / "config.yaml"
+        if not isinstance(m, str):
+            continue  # reported by the config's validation
+        cfg_path = RunDir.of(m).root / "config.yaml"
         if not cfg_path.is_file():
             continue
-        cfg = yaml.safe_load(cfg_path.read_text()) or {}
+        cfg = read_run_config(cfg_path)
         if "ppo" not in cfg:
             continue
-        out: dict[str, Any] = {"reference": cfg["model"]["path"], "prompt_template": cfg["data"]["prompt_template"],
-                               "response_length": cfg["ppo"]["response_length"]}
-        if cfg["reward"].get("model"):
-            out["reward_model"] = cfg["reward"]["model"]
-        if cfg["reward"].get("function"):
-            out["reward_function"] = cfg["reward"]["function"]
-        if cfg["eval"].get("prompts"):
-            out["prompts"] = cfg["eval"]["prompts"]
-        if cfg["eval"].get("gold_reward"):
-            out["gold_reward"] = cfg["eval"]["gold_reward"]
-        sft_cfg = Path(cfg["model"]["path"]) / "config.yaml"
+
+        def get(key: str, kind: type = str, required: bool = False) -> Any:
+            return config_value(cfg, cfg_path, key, kind, required)
+
+        out: dict[str, Any] = {"reference": get("model.path", required=True),
+                               "prompt_template": get("data.prompt_template", required=True),
+                               "response_length": get("ppo.response_length", int, required=True)}
+        for key, name in (("reward.model", "reward_model"), ("reward.function", "reward_function"),
+                          ("eval.prompts", "prompts"), ("eval.gold_reward", "gold_reward")):
+            if get(key):
+                out[name] = get(key)
+        sft_cfg = RunDir.of(out["reference"]).root / "config.yaml"
         if sft_cfg.is_file():
-            sft = yaml.safe_load(sft_cfg.read_text()) or {}
-            if (sft.get("data") or {}).get("validation"):
-                out["validation"] = sft["data"]["validation"]
+            validation = config_value(read_run_config(sft_cfg), sft_cfg, "data.validation")
+            if validation:
+                out["validation"] = validation
         return out
     return {}
 
 
 def raise_duplicate(names: list[str]) -> None:
-    from align.errors import ConfigError
-
     dup = sorted({n for n in names if names.count(n) > 1})
     raise ConfigError(f"model names must differ; '{dup[0]}' appears twice (set config key 'names')")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,8 @@ def quiet_transformers() -> None:
 def resolve_model_path(path: str) -> str:
     """Map a run directory of an earlier stage onto its final model (`<run>/model`).
 
-    A path that looks local (exists, or starts with `.`, `/` or `~`) must exist; anything else is
-    treated as a hub id and left to from_pretrained.
+    A path that exists, or looks like a path (`looks_like_path`), must exist and hold a model;
+    anything else (`gpt2`, `org/name`) is treated as a hub id and left to from_pretrained.
     """
     p = Path(path).expanduser()
     # Absolute, so a LoRA adapter saved from this model records a base path that loads from anywhere.
@@ -64,44 +65,123 @@ def resolve_model_path(path: str) -> str:
         if p.is_dir() and not any((p / n).exists() for n in ("config.json", "adapter_config.json")):
             raise AlignError(f"model path '{path}' holds no model (no config.json or adapter_config.json)")
         return str(p.resolve())
-    if path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep in path and not _looks_like_hub_id(path):
+    if looks_like_path(path):
         raise AlignError(f"model path '{path}' does not exist")
     return path
 
 
-def _looks_like_hub_id(path: str) -> bool:
-    return path.count("/") == 1 and not path.startswith((".", "/", "~"))
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def looks_like_path(path: str) -> bool:
+    """Whether `path` can only be meant as a local path: it starts with `.`, `/` or `~`,
+    ends in a separator, has more than one `/` or any backslash, or is otherwise not of the form
+    `name` / `org/name` that hub ids take. A mistyped run directory (`./runs/sfft`) then reads
+    "does not exist" instead of a failed download."""
+    seps = ("/", "\\", os.sep)
+    return (path.startswith((".", "~", *seps)) or path.endswith(seps) or path.count("/") > 1 or "\\" in path
+            or _HUB_ID.fullmatch(path) is None)
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
-def inspect_model(path: str, key: str, trust_remote_code: bool = False) -> Any:
-    """Check, without loading a single weight, that `path` holds a model (a config and weight
-    files) and return its config (AutoConfig). Errors name the config `key`. A LoRA adapter
-    directory is checked through the base model it names."""
+SCORE_HEAD_KEYS = ("reward.model", "reward_model")
+"""Config keys that name a frozen reward model: `inspect_model` checks what they point at has a
+score head (a sequence classifier), unless told otherwise with `score_head`."""
+
+
+def inspect_model(path: str, key: str, trust_remote_code: bool = False, *, score_head: bool | None = None,
+                  place: str | None = None) -> Any:
+    """Check, without loading a single weight, that `path` holds a model (a config and weight files
+    whose headers read: `check_weights`) and return its config (AutoConfig). Errors name the config
+    `key` (or `place`, e.g. a command-line argument). A LoRA adapter directory is checked through the
+    base model it names. With `score_head` (default: `key` is one of SCORE_HEAD_KEYS) the model must be
+    a sequence classifier with its score head, as a reward model is: a causal LM (an SFT run) would
+    be scored by a head drawn at random."""
     from transformers import AutoConfig
 
     quiet_transformers()
+    where = place or f"config key '{key}'"
+    needs_head = key in SCORE_HEAD_KEYS if score_head is None else score_head
     try:
         src = resolve_model_path(path)
     except AlignError as e:
-        raise AlignError(f"config key '{key}': {e}") from None
+        raise AlignError(f"{where}: {e}") from None
     local = Path(src)
     if local.is_dir():
         if not any((local / name).is_file() for name in WEIGHT_FILES):
-            raise AlignError(f"config key '{key}': model path '{path}' holds no weights "
+            raise AlignError(f"{where}: model path '{path}' holds no weights "
                              f"(none of {', '.join(WEIGHT_FILES)})")
+        check_weights(local, key, place=place)
         if not (local / "config.json").is_file():  # a LoRA adapter: its base model holds the config
-            base = adapter_base(local)
-            if not base:
-                raise AlignError(f"config key '{key}': adapter '{path}' does not name its base model")
-            return inspect_model(base, key, trust_remote_code)
+            adapter = _read_json_file(local / "adapter_config.json", where)
+            base = adapter_base(local)  # the recorded base, resolved against the adapter directory
+            if not isinstance(base, str) or not base:
+                raise AlignError(f"{where}: adapter '{path}' does not name its base model")
+            if needs_head and adapter.get("task_type") != "SEQ_CLS":
+                raise AlignError(f"{where}: '{path}' is a {adapter.get('task_type') or 'causal LM'} adapter with no "
+                                 "score head, not a reward model; point it at an `align rm` run")
+            return inspect_model(base, key, trust_remote_code, score_head=False, place=place)
     try:
-        return AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise AlignError(f"config key '{key}': could not read the model config of '{path}': {_first_line(e)}") from None
+        hub = "" if local.exists() else " (no such local directory, so it was looked up as a hub id)"
+        raise AlignError(f"{where}: could not read the model config of '{path}'{hub}: {_first_line(e)}") from None
+    architectures = getattr(config, "architectures", None) or []
+    if needs_head and architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise AlignError(f"{where}: '{path}' has no score head (it is a {architectures[0]}, not a reward model); "
+                         "point it at an `align rm` run, or train one from this model with `align rm`")
+    return config
+
+
+def check_weights(path: str | Path, key: str, place: str | None = None) -> None:
+    """Open the header of every weight file in the model directory `path`, loading no tensor: each
+    `*.safetensors` (its 8-byte length and JSON header, checked against the file's size, so a
+    truncated copy fails here), every shard a `*.index.json` names, and the zip directory of each
+    `*.bin`. A damaged file is an error naming it and the config `key` (or `place`)."""
+    from safetensors import safe_open
+
+    local = Path(path)
+    if not local.is_dir():
+        return  # a hub id: checked when it is downloaded
+    where = place or f"config key '{key}'"
+    for index in sorted(local.glob("*.index.json")):
+        weight_map = _read_json_file(index, where)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise AlignError(f"{where}: weights index '{index}' has no 'weight_map'; re-save or re-download the model")
+        for shard in sorted(set(map(str, weight_map.values()))):
+            if not (local / shard).is_file():
+                raise AlignError(f"{where}: weights index '{index}' names shard '{shard}', which is missing; "
+                                 "re-download the model")
+    for file in sorted(local.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                n_tensors = len(list(f.keys()))
+        except Exception as e:  # SafetensorError, not importable by name; OSError
+            raise AlignError(f"{where}: weights file '{file}' is damaged or truncated ({_first_line(e)}); "
+                             "re-save or re-download the model") from None
+        if n_tensors == 0:
+            raise AlignError(f"{where}: weights file '{file}' holds no tensors; re-save or re-download the model")
+    for file in sorted(local.glob("*.bin")):
+        with open(file, "rb") as fh:
+            head = fh.read(4)
+        if head[:1] == b"\x80":
+            continue  # a legacy (pre-zip) torch.save pickle: nothing to check without loading it
+        try:
+            zipfile.ZipFile(file).close()  # reads the central directory at the end: a cut file has none
+        except (zipfile.BadZipFile, OSError) as e:
+            raise AlignError(f"{where}: weights file '{file}' is damaged or truncated ({e}); "
+                             "re-save or re-download the model") from None
+
+
+def _read_json_file(path: Path, where: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise AlignError(f"{where}: '{path}' is not readable JSON ({_first_line(e)})") from None
 
 
 def context_length(*configs: Any) -> int | None:
@@ -236,22 +316,23 @@ def record_base_path(adapter_dir: str | Path, base_path: str) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def from_pretrained(auto_cls: Any, src: str, tokenizer: Any, **kwargs: Any) -> Any:
-    """`auto_cls.from_pretrained(src, **kwargs)`, except that a LoRA adapter directory is loaded as
-    its base model (`adapter_base`), grown to `tokenizer`'s length, then the adapter.
+def from_pretrained(auto_cls: Any, src: str, tokenizer: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """`auto_cls.from_pretrained(src, output_loading_info=True, **kwargs)`: the model and transformers'
+    loading report (missing, unexpected, mismatched keys), except that a LoRA adapter directory is
+    loaded as its base model (`adapter_base`), grown to `tokenizer`'s length, then the adapter.
 
     transformers' own loading of an adapter directory resolves a relative base path against the
     working directory, and never grows the base's embeddings, so an adapter that carries grown
     embeddings (see `save_model`) fails on a size mismatch.
     """
     base = adapter_base(src)
+    model, info = auto_cls.from_pretrained(base or src, output_loading_info=True, **kwargs)
     if base is None:
-        return auto_cls.from_pretrained(src, **kwargs)
-    model = auto_cls.from_pretrained(base, **kwargs)
+        return model, info
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.load_adapter(src)
-    return model
+    return model, info
 
 
 def weight_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -263,24 +344,40 @@ def weight_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_pretrained(auto_cls: Any, cfg: ModelConfig, tokenizer: Any, *, trainable: bool,
-                    device: torch.device | None = None, path: str | None = None, **kwargs: Any) -> Any:
+                    device: torch.device | None = None, path: str | None = None, new_head_ok: bool = False,
+                    **kwargs: Any) -> Any:
     """Load `auto_cls.from_pretrained(path)` the way every stage wants it.
 
     Trained models keep float32 master weights (mixed precision is accelerate's job); frozen
     models take `cfg.dtype`. The embedding matrix grows when the tokenizer gained a pad token.
+
+    Strict: a tensor of the model that the weights lack, or hold in another shape, is an error
+    naming the path and the first tensors (transformers would draw them at random and only warn,
+    and we silence its warnings). The one exception is opt-in: with `new_head_ok`, a sequence
+    classifier's head (every tensor outside the backbone, `score.*`) may be missing, as it is when
+    a new reward model or a critic starts from a causal LM; a note says so, once per path.
+    Tied weights (an `lm_head` tied to the embeddings) are not missing: transformers ties them.
     """
     quiet_transformers()
     device = device or torch.device("cpu")
     dtype = torch.float32 if trainable else weight_dtype(cfg.dtype, device)
-    src = resolve_model_path(path or cfg.path)
+    shown = path or cfg.path
+    src = resolve_model_path(shown)
+    check_weights(src, "", place=f"could not load model '{shown}'")
     extra = dict(kwargs)
+    extra.setdefault("ignore_mismatched_sizes", True)  # reported below, by name, instead of raised
     if cfg.attn_implementation:
         extra["attn_implementation"] = cfg.attn_implementation
     try:
-        model = from_pretrained(auto_cls, src, tokenizer, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-                                **extra)
+        model, info = from_pretrained(auto_cls, src, tokenizer, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                                      **extra)
     except (OSError, ValueError) as e:
-        raise AlignError(f"could not load model '{path or cfg.path}': {_first_line(e)}") from None
+        raise AlignError(f"could not load model '{shown}': {_first_line(e)}") from None
+    except RuntimeError as e:  # transformers' "Error(s) in loading state_dict ..."
+        if "state_dict" not in str(e) and "conversion" not in str(e):
+            raise
+        raise AlignError(f"could not load model '{shown}': {_first_line(e)}") from None
+    check_loading_info(model, info, shown, new_head_ok)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     if model.config.pad_token_id is None or model.config.pad_token_id != tokenizer.pad_token_id:
@@ -294,6 +391,46 @@ def load_pretrained(auto_cls: Any, cfg: ModelConfig, tokenizer: Any, *, trainabl
         model.requires_grad_(False)
         model.eval()
     return model.to(device)
+
+
+_NOTED_NEW_HEADS: set[str] = set()
+SHOWN_TENSORS = 3
+"""How many missing or mismatched tensors an error names."""
+
+
+def check_loading_info(model: Any, info: dict[str, Any], shown: str, new_head_ok: bool = False) -> None:
+    """Raise for what `from_pretrained(..., output_loading_info=True)` reports as missing or of the
+    wrong shape (see `load_pretrained`); note a new head when `new_head_ok` allows it."""
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    missing = sorted(info.get("missing_keys") or ())
+    head = [k for k in missing if prefix != "." and not k.startswith(prefix)]
+    is_classifier = type(model).__name__.endswith("ForSequenceClassification")
+    if new_head_ok and is_classifier and head:
+        missing = [k for k in missing if k not in head]
+        if not missing and shown not in _NOTED_NEW_HEADS:
+            _NOTED_NEW_HEADS.add(shown)
+            if os.environ.get("RANK", "0") == "0":  # once per job, not once per process
+                print(f"note: {shown} has no score head; a new one is initialised (expected for a new reward "
+                      "model / critic)", flush=True)
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        shapes = ", ".join(f"{k}: {tuple(a)} in the file, {tuple(b)} in the model"
+                           for k, a, b in mismatched[:SHOWN_TENSORS])
+        more = f" and {len(mismatched) - SHOWN_TENSORS} more" if len(mismatched) > SHOWN_TENSORS else ""
+        raise AlignError(f"could not load model '{shown}': {len(mismatched)} tensor(s) have another shape than its "
+                         f"config.json says ({shapes}{more}); the weights belong to another model")
+    if not missing:
+        return
+    if is_classifier and missing == head:
+        raise AlignError(f"could not load model '{shown}': it has no score head (its weights lack "
+                         f"{', '.join(head[:SHOWN_TENSORS])}): it is not a reward model; point at an `align rm` run")
+    total = len(model.state_dict())
+    names = ", ".join(missing[:SHOWN_TENSORS]) + (", ..." if len(missing) > SHOWN_TENSORS else "")
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    hint = (f", and hold {len(unexpected)} it does not use ({unexpected[0]}{', ...' if len(unexpected) > 1 else ''}: "
+            "another architecture's weights?)" if unexpected else "")
+    raise AlignError(f"could not load model '{shown}': its weights lack {len(missing)} of the model's {total} "
+                     f"tensors ({names}){hint}; those would start from random values: re-save or re-download it")
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -419,6 +556,33 @@ def train_byte_tokenizer(corpus: list[str], vocab_size: int = 260) -> Any:
     return fast
 
 
+BYTE_VOCAB = 260
+"""The byte-level tokenizer's smallest vocabulary: the 256 bytes and [PAD] [BOS] [EOS] [UNK]."""
+
+
+def check_tiny_sizes(*, hidden: int, layers: int, heads: int, max_position: int, vocab_size: int,
+                     intermediate: int | None = None, name: Any = lambda key: f"--{key.replace('_', '-')}") -> None:
+    """Refuse sizes `init_tiny_model` cannot build a working model from, naming the option
+    (`name(key)`: `--hidden` by default; a recipe names `init_model.hidden`)."""
+    values = {"hidden": hidden, "layers": layers, "heads": heads, "max_position": max_position,
+              "vocab_size": vocab_size, "intermediate": intermediate}
+    for key, value in values.items():
+        if value is None and key == "intermediate":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise AlignError(f"{name(key)} must be an integer, got {value!r}")
+        if value < 1:
+            raise AlignError(f"{name(key)} must be >= 1 (got {value})")
+    if hidden % heads:
+        raise AlignError(f"{name('hidden')} ({hidden}) must be divisible by {name('heads')} ({heads})")
+    if (hidden // heads) % 2:  # rotary position embeddings rotate pairs of dimensions
+        raise AlignError(f"{name('hidden')} / {name('heads')} ({hidden} / {heads} = {hidden // heads}) must be even "
+                         "(rotary position embeddings rotate pairs of dimensions)")
+    if vocab_size < BYTE_VOCAB:
+        raise AlignError(f"{name('vocab_size')} must be >= {BYTE_VOCAB}, the 256 bytes and 4 special tokens "
+                         f"(got {vocab_size})")
+
+
 def init_tiny_model(out_dir: str | Path, *, hidden: int = 64, layers: int = 2, heads: int = 4,
                     intermediate: int | None = None, max_position: int = 256, vocab_size: int = 260,
                     corpus: list[str] | None = None, seed: int = 0) -> Path:
@@ -427,8 +591,8 @@ def init_tiny_model(out_dir: str | Path, *, hidden: int = 64, layers: int = 2, h
     from transformers import LlamaConfig, LlamaForCausalLM
 
     quiet_transformers()
-    if hidden % heads:
-        raise AlignError(f"--hidden ({hidden}) must be divisible by --heads ({heads})")
+    check_tiny_sizes(hidden=hidden, layers=layers, heads=heads, intermediate=intermediate, max_position=max_position,
+                     vocab_size=vocab_size)
     out_dir = Path(out_dir)
     tokenizer = train_byte_tokenizer(corpus or ["0123456789+-=?.: abcdefghijklmnopqrstuvwxyz\n"], vocab_size)
     config = LlamaConfig(
@@ -490,9 +654,13 @@ def load_score_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, tokenizer: An
         arch = AutoConfig.from_pretrained(resolve_model_path(src_cfg.path)).architectures or []
     except (OSError, ValueError) as e:
         raise AlignError(f"could not load model '{src_cfg.path}': {_first_line(e)}") from None
+    # A new head is expected when the weights come from a causal LM: a new reward model or critic,
+    # or the base under a LoRA checkpoint (whose adapter then brings the trained head).
+    from_lm = not any(a.endswith("ForSequenceClassification") for a in arch)
     model = load_trainable(AutoModelForSequenceClassification, src_cfg, lora_cfg, tokenizer, device, resume_from,
-                           task_type="SEQ_CLS", num_labels=1)
-    if resume_from is None and not any(a.endswith("ForSequenceClassification") for a in arch):
+                           task_type="SEQ_CLS", num_labels=1,
+                           new_head_ok=from_lm and (resume_from is None or lora_cfg.enabled))
+    if resume_from is None and from_lm:
         head = _score_head(model)
         hidden = head.weight.shape[1]
         with torch.no_grad():

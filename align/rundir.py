@@ -45,16 +45,16 @@ class RunDir:
     root: Path
 
     @classmethod
-    def of(cls, model_path: str | Path) -> "RunDir | None":
-        """The run directory a model path belongs to: the path itself when it holds `config.yaml`,
-        its parent for `<run>/model`, the run above `<run>/checkpoints/step-N`; None for a plain
-        model directory or hub id (no run of ours produced it)."""
+    def of(cls, model_path: str | Path) -> "RunDir":
+        """The run directory a model path belongs to: `<run>` for `<run>/model` and for
+        `<run>/checkpoints/step-N`, else the path itself (which may be no run of ours at all: check
+        `config.is_file()`)."""
         p = Path(model_path).expanduser()
-        for candidate in (p, p.parent, p.parent.parent):
-            if (candidate / CONFIG).is_file() and (candidate == p or p.name == MODEL
-                                                   or p.parent.name == CHECKPOINTS):
-                return cls(candidate)
-        return None
+        if p.name == MODEL:
+            return cls(p.parent)
+        if p.parent.name == CHECKPOINTS:
+            return cls(p.parent.parent)
+        return cls(p)
 
     @property
     def config(self) -> Path:
@@ -97,18 +97,9 @@ class RunDir:
 
     def read_config(self) -> dict[str, Any]:
         """The run's resolved config as a dict; a damaged file is a one-line error naming it."""
-        import yaml
+        from align.runinfo import read_run_config
 
-        from align.errors import AlignError
-
-        try:
-            data = yaml.safe_load(self.config.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
-            raise AlignError(f"{self.config}: unreadable run config ({type(e).__name__}); "
-                             "restore it or remove the run directory") from None
-        if not isinstance(data, dict):
-            raise AlignError(f"{self.config}: a run config must be a mapping of keys to values")
-        return data
+        return read_run_config(self.config)
 
     def read_summary(self) -> dict[str, Any]:
         return json.loads(self.summary.read_text(encoding="utf-8"))
@@ -209,6 +200,10 @@ def prepare_run_dir(output_dir: str, cfg: Any, resume: bool, is_main: bool, forc
     from align.errors import AlignError
 
     run = RunDir(Path(output_dir).expanduser())
+    for key, path in input_dirs(to_dict(cfg)).items():
+        if Path(path).expanduser().resolve() == run.root.resolve():
+            raise AlignError(f"output_dir '{run.root}' is the directory the run reads its model from ({key}); "
+                             "choose another output_dir")
     if is_main and not dry_run and run.root.is_dir():
         lock_run(run)  # before looking inside: another run may be writing it right now
     if run.is_complete():
@@ -262,6 +257,21 @@ def prepare_run_dir(output_dir: str, cfg: Any, resume: bool, is_main: bool, forc
 
         write_json(run.root / PROVENANCE, provenance())
     return run
+
+
+MODEL_KEYS = ("model.path", "model.tokenizer", "reward.model", "critic.path", "reference")
+
+
+def input_dirs(config: dict[str, Any]) -> dict[str, str]:
+    """The model directories a config reads (`MODEL_KEYS` that are set)."""
+    out = {}
+    for key in MODEL_KEYS:
+        node: Any = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, str) and node:
+            out[key] = node
+    return out
 
 
 def input_hashes(config: dict[str, Any]) -> dict[str, str]:

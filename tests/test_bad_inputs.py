@@ -37,9 +37,34 @@ def jsonl(path: Path, rows: list[Any]) -> Path:
     return path
 
 
+def reward_model_from(model: Path, out: Path) -> Path:
+    """A reward model (a sequence classifier with a score head) on `model`'s backbone, as `align rm` saves one."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    AutoModelForSequenceClassification.from_pretrained(model, num_labels=1).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model).save_pretrained(out)
+    return out
+
+
+def model_copy(model: Path, out: Path, weights: Callable[[bytes], bytes] | None = None,
+               tensors: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Path:
+    """A copy of `model` whose model.safetensors is rewritten: its bytes by `weights`, or its tensors by `tensors`."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, out)
+    file = out / "model.safetensors"
+    if weights is not None:
+        file.write_bytes(weights(file.read_bytes()))
+    if tensors is not None:
+        save_file(tensors(load_file(file)), file, metadata={"format": "pt"})
+    return out
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
     """Good data files, and model directories that are broken in one way each."""
+    import torch
+
     from align.modeling import init_tiny_model
 
     root = tmp_path_factory.mktemp("bad-inputs")
@@ -50,16 +75,27 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> di
     no_weights.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_dir / name, no_weights)
+    # a run directory whose config.yaml was damaged after the run (its model is fine)
+    damaged_run = root / "damaged-run"
+    shutil.copytree(tiny_model_dir, damaged_run / "model")
+    (damaged_run / "config.yaml").write_text("seed: 0\ndata:\n  prompt_template: [unclosed\n")
+    (damaged_run / "summary.json").write_text("{}")
+    other_vocab = init_tiny_model(root / "other-vocab", hidden=32, layers=1, heads=4, max_position=64,
+                                  vocab_size=300, corpus=["1+1=2 2+2=4 3+3=6 hello world"] * 20)
     return {
         "sft": jsonl(root / "sft.jsonl", [{"prompt": f"{a}+{b}=", "response": str(a + b)}
                                           for a in range(5) for b in range(5)]),
         "pref": jsonl(root / "pref.jsonl", [{"prompt": f"{a}+1=", "chosen": str(a + 1), "rejected": str(a)}
                                             for a in range(20)]),
         "prompts": jsonl(root / "prompts.jsonl", [{"prompt": f"{a}+{b}="} for a in range(4) for b in range(4)]),
-        "no_config": no_config, "no_weights": no_weights,
+        "no_config": no_config, "no_weights": no_weights, "damaged_run": damaged_run,
         # another vocabulary: 40 BPE merges on top of the bytes
-        "other_vocab": init_tiny_model(root / "other-vocab", hidden=32, layers=1, heads=4, max_position=64,
-                                       vocab_size=300, corpus=["1+1=2 2+2=4 3+3=6 hello world"] * 20),
+        "other_vocab": other_vocab, "other_vocab_rm": reward_model_from(other_vocab, root / "other-vocab-rm"),
+        # weights files that are cut, hold some of the model's tensors, or none of them
+        "truncated_weights": model_copy(tiny_model_dir, root / "truncated", weights=lambda b: b[:len(b) // 2]),
+        "partial_weights": model_copy(tiny_model_dir, root / "partial",
+                                      tensors=lambda t: {k: v for k, v in t.items() if ".layers.1." not in k}),
+        "foreign_weights": model_copy(tiny_model_dir, root / "foreign", tensors=lambda t: {"w": torch.zeros(2)}),
     }
 
 
@@ -147,6 +183,76 @@ def context_case(kind: str, rows: list[Any], expected: Callable[[Path], list[str
 
 def config_case(kind: str, overrides: dict[str, Any], expected: list[str], **kw: Any) -> Callable[[Env], Case]:
     return lambda env: env.command(kind, overrides, expected, **kw)
+
+
+def model_case(kind: str, name: str, expected: Callable[[Path], list[str]], key: str = "model.path",
+               extra: tuple[str, ...] = ()) -> Callable[[Env], Case]:
+    """A case whose model (`key`) is the module input `name`; `expected(path)` gives the substrings."""
+    return lambda env: env.command(kind, {key: str(env.inputs[name])}, expected(env.inputs[name]), extra=extra)
+
+
+def yaml_case(text: Callable[[str], str], expected: Callable[[Path, str], list[str]]) -> Callable[[Env], Case]:
+    """An SFT config whose YAML is the good one's, rewritten by `text`."""
+    def build(env: Env) -> Case:
+        good = env.config("sft").read_text()
+        path = env.config("sft", text=text(good))
+        return Case(["sft", str(path)], expected(path, path.read_text()), [env.out])
+    return build
+
+
+def line_of(text: str, start: str, nth: int = 1) -> int:
+    """The line number of the `nth` line of `text` starting with `start`."""
+    return [i for i, line in enumerate(text.splitlines(), 1) if line.startswith(start)][nth - 1]
+
+
+# 9 levels of 9 aliases: 342 bytes that expand to 9**9 (387 million) strings
+ALIAS_BOMB = '\n'.join(['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]'] + [
+    f"{n}: &{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")]) + "\n"
+
+
+def generate_case(*options: str, expected: list[str], model: str | None = None) -> Callable[[Env], Case]:
+    """`align generate MODEL --prompt ...` with `options` (the tiny model, or the module input `model`)."""
+    return lambda env: Case(["generate", str(env.inputs[model] if model else env.model), *options], expected)
+
+
+def init_model_case(*options: str, expected: list[str]) -> Callable[[Env], Case]:
+    return lambda env: Case(["init-model", str(env.tmp / "init"), *options], expected, [env.tmp / "init"])
+
+
+def results_case(change: Callable[[dict[str, Any]], None], expected: list[str]) -> Callable[[Env], Case]:
+    """`align compare` on a results.json as `align eval` writes it, then changed by `change`."""
+    def build(env: Env) -> Case:
+        out = env.tmp / "eval"
+        (out / "responses").mkdir(parents=True)
+        jsonl(out / "responses" / "sft.jsonl", [{"prompt": "1+1=", "response": "2", "reward": 0.5}])
+        results = {"prompts": "p.jsonl", "n_prompts": 1, "baseline": "sft", "has_reward": True, "has_gold": False,
+                   "models": [{"name": "sft", "path": "runs/sft", "metrics": {"reward": 0.5, "response_length": 2.0},
+                               "compute": {"wall_time_sec": 1.0, "tokens": 10, "stages": ["sft"]},
+                               "responses": "responses/sft.jsonl"}]}
+        change(results)
+        (out / "results.json").write_text(json.dumps(results))
+        return Case(["compare", str(out), "--out", str(env.tmp / "report")],
+                    [str(out / "results.json"), *expected], [env.tmp / "report"])
+    return build
+
+
+def task_case(build_first: dict[str, Any] | None, args: list[str], expected: list[str]) -> Callable[[Env], Case]:
+    """`align task addition DIR ARGS` where DIR already holds a file, or (`build_first`) a built task."""
+    def build(env: Env) -> Case:
+        out = env.tmp / "data"
+        if build_first is None:
+            out.mkdir()
+            (out / "notes.txt").write_text("mine")
+        else:
+            from align.tasks.addition import build as build_task
+
+            build_task(out, **build_first)
+        return Case(["task", "addition", str(out), *args], expected)
+    return build
+
+
+SMALL_TASK = {"n_sft": 8, "n_pref": 8, "n_prompts": 8, "n_eval": 4}
+SMALL_TASK_ARGS = [arg for k, v in SMALL_TASK.items() for arg in ("--size", f"{k}={v}")]
 
 
 OK = {"prompt": "1+1=", "response": "2"}
@@ -266,7 +372,7 @@ CASES: dict[str, Callable[[Env], Case]] = {
         "ppo", {"reward.function": None, "reward.model": str(env.tmp / "rm")},
         ["config key 'reward.model'", "does not exist"]),
     "critic_vocabulary_differs": lambda env: env.command(
-        "ppo", {"reward.function": None, "reward.model": str(env.inputs["other_vocab"])},
+        "ppo", {"reward.function": None, "reward.model": str(env.inputs["other_vocab_rm"])},
         ["config key 'reward.model': the critic would start from", "vocabulary differs", "critic.path"]),
     "ppo_prompt_longer_than_max_length": data_case(
         "ppo", [{"prompt": "1+1="}] * 8 + [{"prompt": LONG["prompt"]}] * 8,
@@ -311,6 +417,114 @@ CASES: dict[str, Callable[[Env], Case]] = {
                                                   ["config key 'models[1]'", "does not exist"]),
     "eval_validation_malformed": data_case("eval", [OK, b"{"], lambda p: [f"{p}:2: invalid JSON"], key="validation"),
     "eval_gold_not_importable": config_case("eval", {"gold_reward": "nowhere:gold"}, ["config key 'gold_reward'"]),
+    # ---- weights that would load as random values (checked: missing, foreign, cut files; no score head)
+    "weights_missing_some_tensors": model_case(
+        "sft", "partial_weights", lambda p: [f"could not load model '{p}'", "lack 9 of the model's",
+                                             "model.layers.1.", "random values"]),
+    "weights_of_another_model": model_case(
+        "sft", "foreign_weights", lambda p: [f"could not load model '{p}'", "lack 21 of the model's 21 tensors",
+                                             "another architecture"]),
+    "truncated_safetensors": model_case(
+        "sft", "truncated_weights", lambda p: ["config key 'model.path'", f"'{p / 'model.safetensors'}' is damaged "
+                                               "or truncated", "re-download"]),
+    "truncated_safetensors_in_a_dry_run": model_case(  # --dry-run opens every weight file's header
+        "rm", "truncated_weights", lambda p: ["config key 'model.path'", "is damaged or truncated"],
+        extra=("--dry-run",)),
+    "reward_model_without_a_score_head": lambda env: env.command(  # an SFT run given as the reward model
+        "ppo", {"reward.function": None, "reward.model": str(env.model)},
+        ["config key 'reward.model'", "has no score head (it is a LlamaForCausalLM, not a reward model)"]),
+    "eval_reward_model_without_a_score_head": lambda env: env.command(
+        "eval", {"reward_model": str(env.model)}, ["config key 'reward_model'", "has no score head"]),
+    # ---- model paths that look local but do not exist: not a failed hub download
+    "mistyped_relative_model_path": config_case(
+        "sft", {"model.path": "./no-such-runs/sfft"}, ["config key 'model.path'",
+                                                       "model path './no-such-runs/sfft' does not exist"]),
+    "model_path_ending_in_a_separator": config_case(
+        "sft", {"model.path": "no-such-runs/"}, ["model path 'no-such-runs/' does not exist"]),
+    "model_path_of_several_parts": config_case(
+        "rm", {"model.path": "no/such/run"}, ["model path 'no/such/run' does not exist"]),
+    # ---- chat data
+    "chat_opening_with_the_assistant": data_case(
+        "sft", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+                {"messages": [{"role": "system", "content": "be brief"}, {"role": "assistant", "content": "yo"},
+                              {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}]}],
+        lambda p: [f"{p}:2: messages[1] opens the conversation with an assistant turn"]),
+    "chat_empty_assistant_turn": data_case(
+        "sft", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+                {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}],
+        lambda p: [f"{p}:2: messages[1] is an empty assistant turn"]),
+    "deeply_nested_json": data_case("sft", [OK, b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"],
+                                    lambda p: [f"{p}:2: JSON nested too deeply"]),
+    "lone_surrogate_in_text": data_case("sft", [OK, b'{"prompt": "1+1=", "response": "2\\ud800"}'],
+                                        lambda p: [f"{p}:2: field 'response' holds a lone UTF-16 surrogate"]),
+    "lone_surrogate_in_a_chat_turn": data_case(
+        "sft", [{"messages": [{"role": "user", "content": "hi\udc00"}, {"role": "assistant", "content": "yo"}]}],
+        lambda p: [f"{p}:1: field 'messages[0].content' holds a lone UTF-16 surrogate"]),
+    # ---- YAML that safe_load would take silently
+    "yaml_duplicate_section": yaml_case(
+        lambda good: good + "train:\n  lr: 0.1\n",
+        lambda p, text: [f"{p}:{line_of(text, 'train:', 2)}: duplicate key 'train' "
+                         f"(first at line {line_of(text, 'train:')})"]),
+    "yaml_duplicate_nested_key": yaml_case(
+        lambda good: good.replace("  max_steps: 2\n", "  max_steps: 2\n  max_steps: 3\n"),
+        lambda p, text: [f"{p}:{line_of(text, '  max_steps:', 2)}: duplicate key 'max_steps'"]),
+    "yaml_alias_bomb": yaml_case(lambda good: ALIAS_BOMB,
+                                 lambda p, text: [f"{p}: expands to more than 100,000 nodes (YAML aliases)"]),
+    # ---- align eval: names and run directories
+    "eval_name_with_a_slash": config_case("eval", {"names": ["../../escaped"]}, ["config key 'names[0]'",
+                                                                                 "contains a path separator"]),
+    "eval_name_dot_dot": config_case("eval", {"names": [".."]}, ["config key 'names[0]' ('..') contains '..'"]),
+    "eval_name_empty": lambda env: env.command("eval", {"models": [str(env.model), str(env.model)], "names": ["a", ""]},
+                                               ["config key 'names[1]' ('') is empty"]),
+    "eval_damaged_run_config": lambda env: env.command(
+        "eval", {"models": [str(env.inputs["damaged_run"])]},
+        [f"{env.inputs['damaged_run'] / 'config.yaml'}:", "invalid YAML", "repair it"]),
+    # ---- align generate
+    "generate_zero_new_tokens": generate_case("--prompt", "1+1=", "--max-new-tokens", "0",
+                                              expected=["--max-new-tokens must be >= 1 (got 0)"]),
+    "generate_negative_new_tokens": generate_case("--prompt", "1+1=", "--max-new-tokens", "-3",
+                                                  expected=["--max-new-tokens must be >= 1 (got -3)"]),
+    "generate_empty_prompt": generate_case("--prompt", "1+1=", "--prompt", "",
+                                           expected=["--prompt #2: the prompt is empty after templating"]),
+    "generate_prompt_past_the_context": generate_case(
+        "--prompt", "9" * 60, "--max-new-tokens", "8",
+        expected=["--prompt: the prompt is 60 tokens; with --max-new-tokens 8 it runs past the model's context "
+                  "(64 positions)", "lower --max-new-tokens to 4"]),
+    "generate_prompt_longer_than_the_context": generate_case(
+        "--prompt", "9" * 70, expected=["the prompt is 70 tokens, as long as or longer than the model's context"]),
+    "generate_damaged_run_config": generate_case(
+        "--prompt", "1+1=", model="damaged_run",
+        expected=["damaged-run/config.yaml:", "invalid YAML", "give the template with --template"]),
+    "generate_truncated_weights": generate_case("--prompt", "1+1=", model="truncated_weights",
+                                                expected=["MODEL_PATH:", "is damaged or truncated"]),
+    "generate_mistyped_path": lambda env: Case(["generate", "./no-such-runs/sfft", "--prompt", "1+1="],
+                                               ["MODEL_PATH: model path './no-such-runs/sfft' does not exist"]),
+    # ---- align init-model
+    "init_model_zero_hidden": init_model_case("--hidden", "0", expected=["--hidden must be >= 1 (got 0)"]),
+    "init_model_negative_layers": init_model_case("--layers", "-1", expected=["--layers must be >= 1 (got -1)"]),
+    "init_model_heads_not_dividing_hidden": init_model_case(
+        "--hidden", "30", "--heads", "4", expected=["--hidden (30) must be divisible by --heads (4)"]),
+    "init_model_odd_head_size": init_model_case("--hidden", "36", "--heads", "4",
+                                                expected=["--hidden / --heads (36 / 4 = 9) must be even"]),
+    "init_model_vocabulary_below_the_bytes": init_model_case(
+        "--vocab-size", "100", expected=["--vocab-size must be >= 260", "(got 100)"]),
+    "init_model_zero_positions": init_model_case("--max-position", "0", expected=["--max-position must be >= 1"]),
+    # ---- align task
+    "task_into_a_non_empty_directory": task_case(None, [], ["is not empty (it holds no task.json"]),
+    "task_over_another_seed": task_case({"seed": 0, **SMALL_TASK}, ["--seed", "1", *SMALL_TASK_ARGS],
+                                        ["is not empty (it holds task addition with seed 0, not 1)"]),
+    "task_over_other_parameters": task_case({"seed": 0, **SMALL_TASK}, [*SMALL_TASK_ARGS, "--size", "p_forget=0.1"],
+                                            ["p_forget=0.6 (asked 0.1)"]),
+    "task_unknown_parameter": task_case(None, ["--size", "n_sfft=8"], ["--size n_sfft: the task has no parameter"]),
+    # ---- align compare: a results.json of the wrong shape
+    "compare_metric_is_a_string": results_case(lambda r: r["models"][0]["metrics"].update(reward="0.5"),
+                                               ["key 'models[0].metrics.reward' must be a number, got str"]),
+    "compare_metric_is_a_list": results_case(lambda r: r["models"][0]["metrics"].update(response_length=[2]),
+                                             ["key 'models[0].metrics.response_length' must be a number, got list"]),
+    "compare_models_not_a_list": results_case(lambda r: r.update(models={"sft": r["models"][0]}),
+                                              ["key 'models' must be a list, got dict"]),
+    "compare_stages_not_a_list": results_case(lambda r: r["models"][0]["compute"].update(stages="sft"),
+                                              ["key 'models[0].compute.stages' must be a list of strings"]),
 }
 # (test_cli_errors.py runs nine SFT config and data cases in subprocesses already)
 IN_SUBPROCESS = ["reward_function_raises", "sft_data_to_rm", "recipe_later_stage_bad_data"]
@@ -327,7 +541,8 @@ def check(case: Case, exit_code: int, stdout: str, stderr: str) -> None:
     for part in case.expected:
         assert part in errors[0], f"{part!r} not in {errors[0]!r}"
     for out in case.outputs:
-        for leftover in ("model", "summary.json", "results.json", "checkpoints"):
+        for leftover in ("model", "summary.json", "results.json", "checkpoints", "config.json", "report.md",
+                         "report.html"):
             assert not (out / leftover).exists(), f"{out / leftover} written by a failed run"
 
 

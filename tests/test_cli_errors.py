@@ -140,4 +140,4 @@ def test_error_through_a_subprocess(name: str, subprocess_results: dict[str, tup
 def test_generate_with_a_missing_model_is_a_one_line_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["generate", str(tmp_path / "nope"), "--prompt", "1+1="])
     assert result.exit_code == 2
-    assert result.stderr.strip() == f"error: model path '{tmp_path / 'nope'}' does not exist"
+    assert result.stderr.strip() == f"error: MODEL_PATH: model path '{tmp_path / 'nope'}' does not exist"

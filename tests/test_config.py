@@ -20,8 +20,12 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def load(tmp_path: Path, extra: str = "", overrides: tuple[str, ...] = ()) -> SFTConfig:
-    text = "output_dir: out\nmodel: {path: m}\ndata: {train: d.jsonl}\n" + extra
-    return load_config(SFTConfig, write(tmp_path, text), overrides)
+    """The base config plus `extra`; a top-level key of `extra` replaces the base's line (YAML
+    refuses a key given twice)."""
+    given = {line.split(":")[0] for line in extra.splitlines() if line and not line[0].isspace()}
+    base = [line for line in ("output_dir: out", "model: {path: m}", "data: {train: d.jsonl}")
+            if line.split(":")[0] not in given]
+    return load_config(SFTConfig, write(tmp_path, "\n".join(base) + "\n" + extra), overrides)
 
 
 def error_of(tmp_path: Path, extra: str = "", overrides: tuple[str, ...] = ()) -> str:

@@ -66,10 +66,17 @@ def test_dry_run_on_bad_data_exits_2(make_sft_dict: Callable[..., dict], tmp_pat
 def test_rm_and_ppo_dry_runs(tiny_model_dir: Path, tmp_path: Path) -> None:
     """PPO's plan names the four models; a reward model with another vocabulary is noted (it
     scores through text) and the critic must then start from the SFT model."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     from align.modeling import init_tiny_model
 
-    other = init_tiny_model(tmp_path / "other-vocab", hidden=32, layers=1, heads=4, max_position=64,
-                            vocab_size=290, corpus=["1+1=2 2+2=4 3+3=6"] * 10)
+    def reward_model(model: Path, out: Path) -> Path:  # a score head on the model, as `align rm` saves one
+        AutoModelForSequenceClassification.from_pretrained(model, num_labels=1).save_pretrained(out)
+        AutoTokenizer.from_pretrained(model).save_pretrained(out)
+        return out
+
+    other = reward_model(init_tiny_model(tmp_path / "other-vocab", hidden=32, layers=1, heads=4, max_position=64,
+                                         vocab_size=290, corpus=["1+1=2 2+2=4 3+3=6"] * 10), tmp_path / "other-rm")
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"{i}?", "chosen": "a", "rejected": "b"}) + "\n" for i in range(20)))
     prompts = tmp_path / "prompts.jsonl"
@@ -98,7 +105,7 @@ def test_rm_and_ppo_dry_runs(tiny_model_dir: Path, tmp_path: Path) -> None:
                  "episodes per step: 8", "16 prompts (0 dropped"):
         assert line in out, line
     result = invoke("ppo", str(ppo), "--dry-run", "--set", "memory_mode=lora",
-                    "--set", f"reward.model={tiny_model_dir}")
+                    "--set", f"reward.model={reward_model(tiny_model_dir, tmp_path / 'same-vocab-rm')}")
     assert "reference: the actor with its adapter disabled" in result.stdout and "note:" not in result.stdout
     assert not (tmp_path / "rm").exists() and not (tmp_path / "ppo").exists()
 

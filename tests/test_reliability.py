@@ -205,3 +205,27 @@ def test_summary_json_is_strict_json(make_sft_config: Callable[..., Any], tmp_pa
     assert "Infinity" not in text and "NaN" not in text
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))[
         "best_val_loss"] is None
+
+
+def test_output_dir_equal_to_the_input_model_is_refused(make_sft_dict: Callable[..., dict], tiny_model_dir: Path,
+                                                         tmp_path: Path, yaml_writer: Callable[[Path, dict], Path]) -> None:
+    before = sorted(p.name for p in tiny_model_dir.iterdir())
+    config = yaml_writer(tmp_path / "sft.yaml", make_sft_dict(tiny_model_dir))
+    for extra in ((), ("--dry-run",)):
+        line = one_error_line(invoke("sft", str(config), *extra))
+        assert line == (f"error: output_dir '{tiny_model_dir}' is the directory the run reads its model from "
+                        "(model.path); choose another output_dir")
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == before
+
+
+def test_tensorboard_events_after_the_resumed_checkpoint_are_purged(interrupted: tuple[Path, Path, list[dict]]) -> None:
+    """The resumed writer starts with purge_step = checkpoint step + 1: TensorBoard drops the
+    events of steps 5 and 6 logged before the kill, so each step has one value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, config, _ = interrupted
+    assert invoke("sft", str(config), "--resume").exit_code == 0
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == [1, 2, 3, 4, 5, 6]
