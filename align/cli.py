@@ -97,17 +97,29 @@ def init_model_cmd(out_dir: str, hidden: int, layers: int, heads: int, max_posit
 def _add_train_command(stage: Any) -> None:
     """`align <stage> CONFIG` with --set / --resume / --force / --dry-run, for a registered stage."""
 
-    @main.command(stage.name, help=stage.help)
+    @main.command(stage.name, help=stage.help + " The file may use TRL's or LLaMA-Factory's flat key names "
+                  "(docs/coming-from.md).")
     @click.argument("config", type=click.Path(dir_okay=False), required=False)
     @set_option
     @resume_option
     @force_option
     @dry_run_option
+    @click.option("--print-config", is_flag=True,
+                  help="Print how the file's keys map onto align's config, and the resolved config; run nothing.")
     @user_errors
-    def command(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool, dry_run: bool) -> None:
-        from align.config import load_config
+    def command(config: str | None, overrides: tuple[str, ...], resume: bool, force: bool, dry_run: bool,
+                print_config: bool) -> None:
+        import yaml
 
-        cfg = load_config(stage.config, config, overrides)
+        from align.config import build_config, config_dict, to_dict
+
+        data, used = config_dict(stage.config, config, overrides, stage=stage.name)
+        cfg = build_config(stage.config, data)
+        if print_config:
+            for key, meaning in used:
+                click.echo(f"# {key} -> {meaning}")
+            click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+            return
         summary = stage.run(cfg, resume=resume, force=force, dry_run=dry_run)
         click.echo(plan_text(summary) if dry_run else _summary_line(stage.name, cfg.output_dir, summary))
 

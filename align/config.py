@@ -171,6 +171,9 @@ class TrainConfig(OptimizerConfig):
     """Micro-batches per optimizer step. Global batch = batch_size x grad_accum x processes."""
     warmup_steps: int = bounded(0, ge=0)
     """Linear warmup, then cosine decay to `min_lr_ratio` x lr."""
+    warmup_ratio: float | None = bounded(None, ge=0, lt=1)
+    """Warmup as a fraction of the run's steps (rounded up, as HF Trainer does); instead of
+    `warmup_steps`, which must then stay 0."""
     min_lr_ratio: float = bounded(0.0, ge=0, le=1)
     """The learning rate the cosine decay ends at, as a fraction of `lr`."""
     eval_every: int = bounded(50, ge=1)
@@ -197,8 +200,14 @@ class TrainConfig(OptimizerConfig):
     OPT or Bloom), which is checked on the loaded model. None: pack when that check passes, else pad;
     true: pack, and stop if the check fails; false: pad."""
 
+    def warmup_for(self, n_steps: int) -> int:
+        """Warmup steps of a run of `n_steps`: `warmup_steps`, or `warmup_ratio` x n_steps rounded up."""
+        return math.ceil(self.warmup_ratio * n_steps) if self.warmup_ratio is not None else self.warmup_steps
+
     def problems(self) -> list[tuple[str, str]]:
         out = super().problems()
+        if self.warmup_ratio is not None and self.warmup_steps:
+            out.append(("warmup_ratio", "and train.warmup_steps exclude each other; set one"))
         if self.max_steps is not None and self.warmup_steps >= self.max_steps:
             out.append(("warmup_steps", f"({self.warmup_steps}) must be shorter than train.max_steps ({self.max_steps})"))
         return out
@@ -798,16 +807,36 @@ class InitModelConfig(Command):
 # Loading
 
 
-def load_config(cls: type, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+def load_config(cls: type, path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                stage: str | None = None) -> Any:
     """Build `cls` from a YAML file plus `key=value` overrides, validated.
 
     Overrides use dotted keys for nested sections (`train.lr=1e-4`) and YAML syntax for values
-    (`lora.target=[q_proj,v_proj]`).
+    (`lora.target=[q_proj,v_proj]`). With `stage`, the file may also use the flat names of TRL and
+    LLaMA-Factory (align/hf_names.py).
     """
+    return build_config(cls, config_dict(cls, path, overrides, stage)[0])
+
+
+def config_dict(cls: type, path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                stage: str | None = None) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The config as a dict of align's keys, and the flat TRL / LLaMA-Factory keys it translated."""
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    used: list[tuple[str, str]] = []
+    if stage is not None:
+        from align.hf_names import nearest_hf_key, table, translate
+
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in fields and key not in table(stage):
+                near = nearest_hf_key(str(key), stage)
+                if near is not None:
+                    raise ConfigError(f"unknown config key '{key}'; did you mean '{near}' (the TRL / LLaMA-Factory "
+                                      "name)?")
+        data, used = translate(stage, data)
     for item in overrides:
         set_dotted(data, *parse_override(item))
-    return build_config(cls, data)
+    return data, used
 
 
 def build_config(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

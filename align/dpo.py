@@ -118,7 +118,7 @@ def train_dpo(cfg: DPOStageConfig, resume: bool = False, force: bool = False, dr
     # ---- TRL does the rest; our callback writes the metrics and marks the checkpoints
     args = DPOConfig(**training_arguments(
         run, seed=cfg.seed, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum, max_steps=n_steps,
-        warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_for(n_steps), min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
         adam_betas=t.adam_betas, max_grad_norm=t.max_grad_norm, mixed_precision=t.mixed_precision,
         log_every=t.log_every, save_every=t.save_every, keep_checkpoints=t.keep_checkpoints,
         gradient_checkpointing=cfg.model.gradient_checkpointing, disable_dropout=cfg.model.disable_dropout),

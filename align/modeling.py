@@ -204,16 +204,25 @@ def parameter_counts(config: Any, auto_cls: Any, lora: LoraConfig | None = None,
     linear layer, plus a sequence classifier's score head (trained in full)."""
     from accelerate import init_empty_weights
 
+    from transformers.pytorch_utils import Conv1D
+
     with init_empty_weights():
         model = auto_cls.from_config(config, trust_remote_code=trust_remote_code)
-    total = sum(p.numel() for p in model.parameters())
+    # Under init_empty_weights transformers 5 leaves tied embeddings untied: tie them, or a tied
+    # output head (Qwen2, Gemma, GPT-2, OPT) is counted twice.
+    model.tie_weights()
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
     if lora is None or not lora.enabled:
         return total, total
     head = getattr(model, "score", None)
     skip = {id(m) for m in (model.get_output_embeddings(), head) if m is not None}
     targets = None if lora.target == "all" else set(lora.target)
-    adapter = sum(lora.r * (m.in_features + m.out_features) for name, m in model.named_modules()
-                  if isinstance(m, nn.Linear) and id(m) not in skip
+
+    def shape(m: nn.Module) -> int:  # in + out features; GPT-2's Conv1D stores its weight as (in, out)
+        return m.in_features + m.out_features if isinstance(m, nn.Linear) else sum(m.weight.shape)
+
+    adapter = sum(lora.r * shape(m) for name, m in model.named_modules()
+                  if isinstance(m, (nn.Linear, Conv1D)) and id(m) not in skip
                   and (targets is None or name.rsplit(".", 1)[-1] in targets))
     return total, adapter + (sum(p.numel() for p in head.parameters()) if head is not None else 0)
 
@@ -274,45 +283,48 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
+ADAPTER_BASE_FILE = "align_base.json"
+"""Beside an adapter align saved: `{"relative": <base relative to the adapter directory>}`."""
+
+
 def adapter_base(adapter_dir: str | Path) -> str | None:
     """The base model a LoRA adapter directory names, or None when it is no adapter directory (no
     adapter_config.json, or a config.json beside it: a full model) or names no base.
 
-    align writes the base relative to the adapter directory (`record_base_path`), so it is resolved
-    against that directory here. peft and transformers read `base_model_name_or_path` as written
-    and resolve a relative path against the working directory, so a path that does not resolve
-    against the adapter directory (a hub id, or a cwd-relative path another tool wrote) is returned
-    as written.
+    The base recorded relative to the adapter directory (`align_base.json`, written by
+    `record_base_path`) wins when it exists, so a run directory moved together with its base model
+    loads; else `base_model_name_or_path` as written (an absolute path, a hub id).
     """
     adapter_dir = Path(adapter_dir)
     config = adapter_dir / "adapter_config.json"
     if not config.is_file() or (adapter_dir / "config.json").is_file():
         return None
+    side = adapter_dir / ADAPTER_BASE_FILE
+    if side.is_file():
+        relative = json.loads(side.read_text()).get("relative")
+        if relative and (adapter_dir / relative).is_dir():
+            return str((adapter_dir / relative).resolve())
     base = json.loads(config.read_text()).get("base_model_name_or_path")
-    if not base:
-        return None
-    beside = adapter_dir / Path(base).expanduser()
-    return str(beside.resolve()) if not Path(base).expanduser().is_absolute() and beside.exists() else base
+    return base or None
 
 
 def record_base_path(adapter_dir: str | Path, base_path: str) -> None:
-    """Write `base_path` into `adapter_dir/adapter_config.json`: relative to the adapter directory
-    when the base is a local directory, so a run directory moved together with its base model still
-    loads (a hub id is written as is).
-
-    Convention: align (`adapter_base`) resolves the relative path against the adapter directory.
-    Plain peft and transformers resolve it against the working directory, so
-    `AutoPeftModelForCausalLM.from_pretrained(adapter_dir)` and
-    `AutoModelForCausalLM.from_pretrained(adapter_dir)` load it when run from the adapter
-    directory; `PeftModel.from_pretrained(base_model, adapter_dir)` loads it from anywhere, since it
-    ignores the recorded path.
+    """Record where an adapter's base model is, both ways: `base_model_name_or_path` in
+    adapter_config.json absolute (what peft and transformers read, resolving a relative path
+    against the working directory, so an absolute one loads from anywhere), and relative to the
+    adapter directory in `align_base.json` (what `adapter_base` reads first, so align still loads
+    the adapter after the run directory and its base moved together). A hub id is written as is.
     """
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
     config = json.loads(config_path.read_text())
     base = Path(base_path).expanduser()
-    local = bool(base_path) and base.is_dir()
-    config["base_model_name_or_path"] = os.path.relpath(base.resolve(), adapter_dir.resolve()) if local else base_path
+    if bool(base_path) and base.is_dir():
+        config["base_model_name_or_path"] = str(base.resolve())
+        (adapter_dir / ADAPTER_BASE_FILE).write_text(json.dumps(
+            {"relative": os.path.relpath(base.resolve(), adapter_dir.resolve())}) + "\n")
+    else:
+        config["base_model_name_or_path"] = base_path
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

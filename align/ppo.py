@@ -366,7 +366,7 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
                                key="model.tokenizer" if cfg.model.tokenizer else "model.path")
     found = check_models(cfg, tokenizer)
     if found["text_bridge"] and is_main:
-        print(f"{stage}: note: the reward model's tokenizer differs from the policy's; responses are decoded and "
+        print(f"{stage}: note: the reward model's tokenizer differs from the actor's; responses are decoded and "
               "re-tokenized for it (text bridge)", flush=True)
     d = cfg.data
     context = context_length(*(found[k] for k in ("actor", "critic", "reward") if k in found))

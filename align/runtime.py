@@ -114,7 +114,8 @@ warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_for(total_steps), total_steps,
+                                                                      cfg.min_lr_ratio))
 
 
 def linear_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> Any:

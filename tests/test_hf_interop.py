@@ -272,9 +272,12 @@ def test_adapter_loads_after_its_directory_tree_moves(tmp_path: Path) -> None:
     adapter = root / "runs" / "sft" / "model"
     tokenizer, model = trained_adapter(base, adapter)
     recorded = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert recorded == os.path.join("..", "..", "..", "models", "base")
+    assert recorded == str(base.resolve())  # what plain peft and transformers read: loads from any directory
+    assert json.loads((adapter / "align_base.json").read_text()) == {
+        "relative": os.path.join("..", "..", "..", "models", "base")}
     ids = torch.tensor([[tokenizer.bos_token_id, 70, 71, 72, tokenizer.pad_token_id]])
     want = logits(model, ids)
+    assert torch.allclose(logits(AutoPeftModelForCausalLM.from_pretrained(adapter), ids), want, atol=1e-5)
 
     moved = tmp_path / "elsewhere" / "copy"
     shutil.move(root, moved)
@@ -288,18 +291,16 @@ def test_adapter_loads_after_its_directory_tree_moves(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["generate", str(adapter), "--prompt", "ab", "--max-new-tokens", "3"])
     assert result.exit_code == 0, result.output
 
-    # plain peft resolves it against the working directory: it loads from the adapter directory
-    with cwd(adapter):
-        auto_peft = AutoPeftModelForCausalLM.from_pretrained(adapter)
-    assert torch.allclose(logits(auto_peft, ids), want, atol=1e-5)
 
     # Resuming from a checkpoint at another depth and saving again records the base afresh.
     resumed = load_trainable(AutoModelForCausalLM, ModelConfig(path=str(moved / "models" / "base")), LORA,
                              load_tokenizer(str(adapter)), torch.device("cpu"), resume_from=adapter)
     again = moved / "runs" / "ppo" / "checkpoints" / "step-1" / "actor"
     save_model(resumed, load_tokenizer(str(adapter)), again)
-    assert json.loads((again / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+    assert json.loads((again / "align_base.json").read_text())["relative"] == \
         os.path.join("..", "..", "..", "..", "..", "models", "base")
+    assert json.loads((again / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str((moved / "models" / "base").resolve())
     _, reloaded = load(again)
     assert torch.allclose(logits(reloaded, ids), want, atol=1e-5)
 
