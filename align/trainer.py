@@ -85,9 +85,10 @@ def check_schedule(t: TrainConfig, n_train: int, world: int) -> tuple[int, int]:
                          "or train.grad_accum")
     n_steps = total_steps(t, n_train, global_batch)
     if t.warmup_for(n_steps) >= n_steps:
-        key = "train.warmup_ratio" if t.warmup_ratio is not None else "train.warmup_steps"
-        raise AlignError(f"config key '{key}' ({t.warmup_for(n_steps)} steps) must be shorter than the run "
-                         f"({n_steps} steps of {global_batch} examples)")
+        given = f"train.warmup_ratio' ({t.warmup_ratio}: {t.warmup_for(n_steps)} steps)" if t.warmup_ratio is not None \
+            else f"train.warmup_steps' ({t.warmup_steps})"
+        raise AlignError(f"config key '{given} must be shorter than the run ({n_steps} steps of {global_batch} "
+                         "examples)")
     return n_steps, global_batch
 
 

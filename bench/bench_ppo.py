@@ -13,6 +13,11 @@ EOS penalty 1.0, lr 1e-4 for policy and value (the peer trains both with one opt
 adapter disabled; the value model trained in full, as the peer does). The critic starts from the
 peer's value model (`critic.path`), not from the reward model (align's default).
 
+`--share-actor`: `critic.share_actor` (a value head on the actor's trunk; no value model).
+`--method grpo`: `bench/trl_grpo.py`'s work: the batch counts responses (batch / group prompts a
+step, a group of 4 each), one optimisation pass, KL (k3, beta 0.05) in the loss, token-mean loss,
+no critic, no missing-EOS penalty.
+
 Timing: `train_time_sec` is align's PPO loop (first rollout to last update), like the peer's timer
 around `trainer.train()`; `call_time_sec` is the whole `train_ppo` call, loading and saving included.
 """
@@ -40,6 +45,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peft", action="store_true", help="memory_mode lora (the peer's --peft)")
+    ap.add_argument("--share-actor", action="store_true", help="critic.share_actor: a value head on the actor")
+    ap.add_argument("--method", default="ppo", choices=["ppo", "grpo"],
+                    help="grpo: bench/trl_grpo.py's work (2 prompts x a group of 4, one pass, KL k3 in the loss)")
+    ap.add_argument("--group", type=int, default=4, help="grpo: responses per prompt")
     ap.add_argument("--set", action="append", default=[], help="extra align config overrides key=value")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-out", default=None)
@@ -71,9 +80,20 @@ def main() -> None:
                 "ent_coef": 0.0, "lr": 1e-4, "max_grad_norm": 1.0, "mixed_precision": "no", "log_every": 1,
                 "sample_every": 10**9, "eval_every": 10**9, "save_every": 10**9},
     }
+    cls = PPOConfig
+    if args.share_actor:
+        raw["critic"] = {"share_actor": True, "lr": 1e-4}
+    if args.method == "grpo":  # trl_grpo.py's settings; the batch counts responses: batch / group prompts
+        from align.config import GRPOStageConfig as cls  # noqa: N813
+
+        raw.pop("critic")
+        raw["reward"]["missing_eos_penalty"] = None  # TRL's GRPO has no EOS penalty unless asked
+        raw["ppo"].update({"estimator": "grpo", "n_samples_per_prompt": args.group, "ppo_epochs": 1,
+                           "kl_placement": "loss", "kl_estimator": "k3", "whiten_advantages": False,
+                           "loss_agg": "token-mean"})
     for item in args.set:
         set_dotted(raw, *parse_override(item))
-    cfg = from_dict(PPOConfig, raw)
+    cfg = from_dict(cls, raw)
     cfg.validate()
 
     import accelerate  # noqa: F401  (the libraries align loads lazily, so the baseline holds them)
@@ -87,8 +107,8 @@ def main() -> None:
     call_time = time.perf_counter() - t0
     rows = [r for r in read_metrics(root / "run" / "metrics.jsonl") if "objective/scores" in r]
     dt = summary["train_time_sec"]
-    emit({"tool": "align", "bench": "ppo", "hidden": args.hidden, "layers": args.layers,
-          "mode": "lora" if args.peft else "full", "batch": b, "resp_len": args.resp_len,
+    emit({"tool": "align", "bench": args.method, "hidden": args.hidden, "layers": args.layers,
+          "mode": "lora" if args.peft else "shared" if args.share_actor else "full", "batch": b, "resp_len": args.resp_len,
           "episodes_per_sec": summary["episodes"] / dt, "tokens_per_sec": summary["tokens_seen"] / dt,
           "peak_rss_mb": peak_memory_mb(), "rss_before_train_mb": rss_before, "final_score": rows[-1]["objective/scores"],
           "final_kl": rows[-1]["objective/kl"], "train_time_sec": dt, "step_time_sec": dt / summary["steps"],

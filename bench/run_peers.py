@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """align beside TRL on the same work, in one invocation: medians of N runs each, and the ratios.
 
-    python bench/run_peers.py [--runs 3] [--threads 2] [--sizes 64x2,256x4] [--benches sft,ppo-full,ppo-lora]
+    python bench/run_peers.py [--runs 3] [--threads 2] [--sizes 64x2,256x4] [--benches sft,ppo-full,ppo-lora,ppo-shared,grpo]
 
 1. Builds the peers' environments with `../shared/peers/setup.sh` (PEERS_VENV_DIR=bench/.venvs:
    trl 1.16.0 for SFT, trl 1.12.0 for PPO, the last release with PPOTrainer); skip with --no-setup.
@@ -42,6 +42,12 @@ BENCHES = {
     "ppo-full": (["bench_ppo.py"], ".venv-trl-ppo", ["trl_ppo.py"], "episodes_per_sec", "final_score"),
     "ppo-lora": (["bench_ppo.py", "--peft"], ".venv-trl-ppo", ["trl_ppo.py", "--peft"], "episodes_per_sec",
                  "final_score"),
+    # critic.share_actor: a value head on the actor's trunk, against the same TRL PPO peer
+    "ppo-shared": (["bench_ppo.py", "--share-actor"], ".venv-trl-ppo", ["trl_ppo.py"], "episodes_per_sec",
+                   "final_score"),
+    # GRPO: the peer is bench/trl_grpo.py (TRL 1.16's GRPOTrainer), run in the trl 1.16 environment
+    "grpo": (["bench_ppo.py", "--method", "grpo"], ".venv-trl-sft", ["trl_grpo.py"], "episodes_per_sec",
+             "final_score"),
 }
 
 
@@ -91,7 +97,8 @@ def parse_trl(out: str, bench: str) -> dict[str, Any]:
     else:
         row["episodes_per_sec"] = float(fields["episodes_per_sec"])
         steps = re.findall(r"\[step \d+\].*?objective/scores=([-\d.e+]+)", out)
-        row["final_score"] = float(steps[-1]) if steps else None
+        row["final_score"] = float(fields["final_score"]) if "final_score" in fields else (
+            float(steps[-1]) if steps else None)
     return row
 
 
@@ -131,7 +138,8 @@ def main() -> None:
             a_script, venv, p_script, speed_key, quality_key = BENCHES[bench]
             extra = args.align_args.split()
             align_cmd = [sys.executable, str(HERE / a_script[0]), *a_script[1:], *common, *extra]
-            trl_cmd = [str(VENVS / venv / "bin" / "python"), str(PEERS / p_script[0]), *p_script[1:], *common]
+            peer = HERE / p_script[0] if (HERE / p_script[0]).is_file() else PEERS / p_script[0]
+            trl_cmd = [str(VENVS / venv / "bin" / "python"), str(peer), *p_script[1:], *common]
             rows: dict[str, list[dict[str, Any]]] = {"align": [], "trl": []}
             for i in range(args.runs):
                 order = ("align", "trl") if i % 2 == 0 else ("trl", "align")

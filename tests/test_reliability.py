@@ -229,3 +229,12 @@ def test_tensorboard_events_after_the_resumed_checkpoint_are_purged(interrupted:
     acc.Reload()
     steps = [e.step for e in acc.Scalars("train/loss")]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_section_key_at_the_top_level_suggests_its_section(make_sft_dict: Callable[..., dict], tmp_path: Path,
+                                                             yaml_writer: Callable[[Path, dict], Path]) -> None:
+    """`lr` at the top level means `train.lr`, not the nearest top-level name (`lora`)."""
+    data = make_sft_dict(tmp_path / "run")
+    data["lr"] = 0.1
+    line = one_error_line(invoke("sft", str(yaml_writer(tmp_path / "sft.yaml", data)), "--dry-run"))
+    assert line == "error: unknown config key 'lr'; did you mean 'train.lr'?"

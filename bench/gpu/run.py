@@ -68,13 +68,13 @@ WORK = {  # run lengths
     "gpu": {"sft_seq": 1024, "sft_batch": 8, "sft_steps": 30, "sft_log_every": 5,
             "ppo": {"total_episodes": 256, "rollout_batch_size": 64, "mini_batch_size": 32, "micro_batch_size": 16,
                     "ppo_epochs": 2, "response_length": 64},
-            "grpo": {"total_episodes": 256, "rollout_batch_size": 64, "num_generations": 8, "micro_batch_size": 16,
-                     "response_length": 64}},
+            "grpo": {"total_episodes": 256, "rollout_batch_size": 64, "n_samples_per_prompt": 8, "mini_batch_size": 64,
+                     "micro_batch_size": 16, "ppo_epochs": 1, "response_length": 64}},
     "smoke": {"sft_seq": 64, "sft_batch": 4, "sft_steps": 4, "sft_log_every": 2,
               "ppo": {"total_episodes": 8, "rollout_batch_size": 4, "mini_batch_size": 4, "micro_batch_size": 4,
                       "ppo_epochs": 1, "response_length": 4},
-              "grpo": {"total_episodes": 4, "rollout_batch_size": 4, "num_generations": 2, "micro_batch_size": 4,
-                       "response_length": 4}},
+              "grpo": {"total_episodes": 4, "rollout_batch_size": 4, "n_samples_per_prompt": 2, "mini_batch_size": 4,
+                       "micro_batch_size": 4, "ppo_epochs": 1, "response_length": 4}},
 }
 RESULT_KEYS = ("meta", "checks", "sft", "ppo", "grpo", "errors", "seconds")
 """Top-level keys of the JSON (tests/test_gpu_bench_smoke.py checks them)."""
@@ -362,14 +362,11 @@ def bench_rl(stage: str, device: torch.device, mode: str, work: Path, model_dir:
                   "reward": {"function": REWARD}, "data": {"train": str(prompts), "prompt_template": TEMPLATE,
                                                            "max_length": 128}}
         loop = {**w, "temperature": 1.0, "lr": 1e-5, "mixed_precision": "auto", "save_every": 10**6}
-        if stage == "ppo":
-            cfg = from_dict(PPOConfig, {**common, "memory_mode": memory, "lora": {"r": 16, "alpha": 32},
-                                        "ppo": {**loop, "eval_every": 10**6, "sample_every": 10**6}})
-            from align.ppo import train_ppo as train
-        else:
-            cfg = from_dict(GRPOStageConfig, {**common, "lora": {"enabled": memory == "lora", "r": 16, "alpha": 32},
-                                              "rl": loop})
-            from align.grpo import train_grpo as train
+        # every online method runs in align's one RL loop (align/ppo.py), PPO's memory modes included
+        cfg = from_dict(PPOConfig if stage == "ppo" else GRPOStageConfig, {
+            **common, "memory_mode": memory, "lora": {"r": 16, "alpha": 32},
+            "ppo": {**loop, "eval_every": 10**6, "sample_every": 10**6}})
+        from align.ppo import train_ppo as train
         cfg.validate()
         free()
         t0 = time.time()
