@@ -793,7 +793,7 @@ class InitModelConfig(Command):
     vocab_size: int = bounded(260, ge=260)
     """Tokenizer entries; 260 = the 256 bytes + 4 specials, no merges (more needs a corpus)."""
     seed: int = seed_field(0)
-    """Seeds the weights."""
+    """Seeds the weights (in a recipe: the recipe's `seed`, unless the section sets its own)."""
 
     def check(self) -> list[str]:
         if self.hidden % self.heads:

@@ -153,6 +153,8 @@ def load_recipe(path: str, overrides: tuple[str, ...] = ()) -> Plan:
             continue
         if name == "eval":
             _wire_eval(section, plan, present)
+        elif name == "init_model":  # the recipe seed seeds the initial weights too
+            _default(section, "seed", recipe.seed)
         elif stage.training:
             _default(section, "output_dir", str(root / stage.output))
             _default(section, "seed", recipe.seed)

@@ -123,3 +123,12 @@ def test_every_recipe_parses_and_resolves(recipe: str):
 def test_a_misspelt_recipe_key_names_it_and_suggests_the_nearest(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"unknown config key 'sft\.train\.lrr'; did you mean 'sft\.train\.lr'"):
         load_recipe(str(DEFAULT), (f"output_root={tmp_path}", "sft.train.lrr=1"))
+
+
+def test_the_recipe_seed_seeds_every_stage_the_initial_weights_included(tmp_path: Path):
+    plan = load_recipe(str(DEFAULT), (f"output_root={tmp_path}", "seed=3"))
+    assert plan.stages["task"]["seed"] == plan.stages["init_model"].seed == 3
+    assert all(plan.stages[s].seed == 3 for s in ("sft", "rm", "ppo", "eval"))
+    # A section's own seed wins.
+    plan = load_recipe(str(DEFAULT), (f"output_root={tmp_path}", "seed=3", "init_model.seed=7", "task.seed=5"))
+    assert (plan.stages["task"]["seed"], plan.stages["init_model"].seed, plan.stages["sft"].seed) == (5, 7, 3)
