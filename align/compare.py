@@ -507,9 +507,15 @@ def md_cell(text: str) -> str:
     return html.escape(text).replace("|", "\\|").replace("\n", "<br>") or "∅"
 
 
+def source_name(source: Path) -> str:
+    """A results file as a report names it: its run and eval directory (`addition/eval`), never the
+    machine's absolute path."""
+    return "/".join(source.parts[-3:-1])
+
+
 def render_markdown(r: Report) -> str:
     lines = ["# align comparison report", "",
-             f"Sources: {', '.join(f'`{s}`' for s in r.sources)}. Baseline: **{r.baseline}**; "
+             f"Sources: {', '.join(f'`{source_name(s)}`' for s in r.sources)}. Baseline: **{r.baseline}**; "
              f"{r.n_prompts} held-out prompts, greedy responses.", "", "## Results", ""]
     lines.append("| " + " | ".join(md_cell(h) for h in r.table.headers) + " |")
     lines.append("|" + "|".join("---:" if num else "---" for num in r.table.numeric) + "|")
@@ -570,7 +576,7 @@ def render_html(r: Report) -> str:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              "<title>align comparison report</title>", f"<style>{CSS}</style></head><body>",
              "<h1>align comparison report</h1>",
-             f"<p>Sources: {', '.join(f'<code>{e(str(s))}</code>' for s in r.sources)}. "
+             f"<p>Sources: {', '.join(f'<code>{e(source_name(s))}</code>' for s in r.sources)}. "
              f"Baseline: <b>{e(r.baseline)}</b>; {r.n_prompts} held-out prompts, greedy responses.</p>",
              "<h2>Results</h2>", '<div class="wide"><table class="results">', row(t.headers, "th"),
              *[row(cells) for cells in t.rows], "</table></div><ul>",

@@ -88,6 +88,7 @@ def test_report_from_pipeline_root(tmp_path: Path) -> None:
     assert result["skipped"] == {}
     md = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
+    assert str(out.parent) not in md and str(out.parent) not in page  # no machine paths in a report
     for text in (md, page):
         for name in RESPONSES:
             assert name in text
