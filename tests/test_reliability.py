@@ -238,3 +238,22 @@ def test_a_section_key_at_the_top_level_suggests_its_section(make_sft_dict: Call
     data["lr"] = 0.1
     line = one_error_line(invoke("sft", str(yaml_writer(tmp_path / "sft.yaml", data)), "--dry-run"))
     assert line == "error: unknown config key 'lr'; did you mean 'train.lr'?"
+
+
+def test_a_killed_run_whose_latest_checkpoint_is_damaged_resumes_from_the_one_before(
+        make_sft_dict: Callable[..., dict], tmp_path: Path, yaml_writer: Callable[[Path, dict], Path],
+        align_cli: Callable[..., Any]) -> None:
+    """A real process killed (SIGKILL) after step 5, checkpoints at 2 and 4; step 4's trainer state
+    then damaged on disk: the resumed process says so, continues from step 2, and finishes."""
+    run = tmp_path / "run"
+    config = yaml_writer(tmp_path / "sft.yaml", make_sft_dict(run, SETTINGS))
+    killed = align_cli("5", "sft", str(config), module_args=[str(REPO / "tests" / "kill_after_step.py")])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000004"
+    state = run / "checkpoints" / "step-0000004" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    resumed = align_cli("sft", str(config), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "step-0000004: trainer_state.pt is" in resumed.stdout and "resuming from step-0000002 instead" in resumed.stdout
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
