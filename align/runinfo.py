@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
-from align.rundir import RunDir
 from align.yaml_io import read_yaml_file
 
 
