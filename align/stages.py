@@ -176,7 +176,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("dpo", C.DPOStageConfig, _dpo, "DPO (TRL's DPOTrainer) from an SFT model on preference pairs, from a YAML CONFIG.",
           "dpo", (*_FROM_SFT, *_PAIRS), method=True, check_inputs=_dpo_inputs),
     _rl("grpo", C.GRPOStageConfig, "GRPO (group-normalised advantages, KL in the loss) from a YAML CONFIG."),
-    _rl("dr_grpo", C.DrGRPOStageConfig, "Dr. GRPO (no std division, no length normalisation) from a YAML CONFIG."),
+    _rl("dr_grpo", C.DrGRPOStageConfig, "Dr GRPO (GRPO without the std division and the length normalisation) "
+                                        "from a YAML CONFIG."),
     _rl("rloo", C.RLOOStageConfig, "RLOO (leave-one-out baseline, KL in the reward) from a YAML CONFIG."),
     _rl("reinforce_pp", C.ReinforcePPStageConfig, "REINFORCE++ (batch-whitened returns, no critic) from a YAML CONFIG."),
     _rl("remax", C.ReMaxStageConfig, "ReMax (greedy-response baseline) from a YAML CONFIG."),
