@@ -29,8 +29,8 @@ from align.errors import AlignError
 from align.stats import Comparison, Interval, bootstrap_ci, paired_difference, prompt_bootstrap_ci
 
 SEED_DIR = re.compile(r"^seed-(\d+)$")
-METRICS = ("gold_reward", "reward", "kl_to_reference", "sampled_gold_reward", "perplexity", "token_accuracy",
-           "response_length")
+METRICS = ("gold_reward", "reward", "kl_to_reference", "kl_bound", "sampled_gold_reward", "perplexity",
+           "token_accuracy", "response_length")
 """The eval metrics the table shows, in this order (those present)."""
 
 
@@ -189,17 +189,20 @@ def render_markdown(s: Summary, provenance: str = "") -> str:
 def frontier_plot(s: Summary, out: Path) -> Path | None:
     """Gold reward against KL to the reference, every model with its 95% intervals over seeds (the
     over-optimisation frontier, Gao et al. 2022)."""
-    pts = [(m, s.intervals[m].get("kl_to_reference"), s.intervals[m].get("gold_reward")) for m in s.models]
-    pts = [(m, kl, g) for m, kl, g in pts if kl is not None and g is not None]
+    # best-of-n has no sampled KL: it is placed at its analytic bound, log n - (n-1)/n, and says so
+    pts = [(m, s.intervals[m].get("kl_to_reference") or s.intervals[m].get("kl_bound"), s.intervals[m].get("gold_reward"),
+            "kl_to_reference" not in s.intervals[m]) for m in s.models]
+    pts = [(m, kl, g, bound) for m, kl, g, bound in pts if kl is not None and g is not None]
     if not pts:
         return None
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 4.2))
     ax = fig.subplots()
-    for m, kl, g in pts:
+    for m, kl, g, bound in pts:
         ax.errorbar(kl.mean, g.mean, xerr=[[kl.mean - kl.low], [kl.high - kl.mean]],
-                    yerr=[[g.mean - g.low], [g.high - g.mean]], fmt="o", capsize=3, label=m)
+                    yerr=[[g.mean - g.low], [g.high - g.mean]], fmt="^" if bound else "o", capsize=3,
+                    label=f"{m} (KL bound)" if bound else m)
     ax.set(xlabel="KL(model || SFT), nats", ylabel="greedy gold reward",
            title=f"Gold reward vs KL, mean and 95% CI over {len(s.seeds)} seeds")
     ax.legend(fontsize=8)
