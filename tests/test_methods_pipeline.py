@@ -26,6 +26,10 @@ SHORT = (
     "grpo.ppo.micro_batch_size=8", "grpo.eval.max_samples=16",
     "rloo.ppo.rollout_batch_size=16", "rloo.ppo.n_samples_per_prompt=4", "rloo.ppo.mini_batch_size=16",
     "rloo.ppo.micro_batch_size=8", "rloo.eval.max_samples=16",
+    "dr_grpo.ppo.rollout_batch_size=16", "dr_grpo.ppo.n_samples_per_prompt=4", "dr_grpo.ppo.mini_batch_size=16",
+    "dr_grpo.ppo.micro_batch_size=8", "dr_grpo.eval.max_samples=16",
+    *(f"{m}.{k}" for m in ("reinforce_pp", "remax") for k in (
+        "ppo.rollout_batch_size=16", "ppo.mini_batch_size=16", "ppo.micro_batch_size=8", "eval.max_samples=16")),
     "eval.best_of=2",
 )
 
@@ -36,7 +40,8 @@ def test_budget_is_shared_and_a_contradiction_is_an_error(tmp_path: Path) -> Non
     assert plan.stages["grpo"].ppo.total_episodes == plan.stages["rloo"].ppo.total_episodes == 512
     dpo = plan.stages["dpo"].train
     assert dpo.max_steps * dpo.batch_size * dpo.grad_accum == 512
-    assert plan.stages["eval"].names == ["sft", "sft+ppo", "sft+dpo", "sft+grpo", "sft+rloo"]
+    assert plan.stages["eval"].names == ["sft", "sft+ppo", "sft+dpo", "sft+grpo", "sft+dr_grpo", "sft+rloo",
+                                         "sft+reinforce_pp", "sft+remax"]
     assert plan.stages["grpo"].reward.model == str(tmp_path / "rm")
     with pytest.raises(ConfigError, match="budget_episodes"):
         load_recipe(str(ALL), (f"output_root={tmp_path}", "grpo.ppo.total_episodes=64"))
@@ -47,11 +52,12 @@ def test_short_multi_method_recipe_reports_every_method_with_its_compute(tmp_pat
     run_recipe(str(ALL), (f"output_root={root}", *SHORT))
     results = json.loads((root / "eval" / "results.json").read_text())
     rows = {m["name"]: m for m in results["models"]}
-    assert list(rows) == ["sft", "sft (best-of-2)", "sft+ppo", "sft+dpo", "sft+grpo", "sft+rloo"]
+    assert list(rows) == ["sft", "sft (best-of-2)", "sft+ppo", "sft+dpo", "sft+grpo", "sft+dr_grpo", "sft+rloo",
+                          "sft+reinforce_pp", "sft+remax"]
     for name, m in rows.items():
         assert m["compute"]["wall_time_sec"] > 0 and m["compute"]["tokens"] > 0, name
         assert "gold_reward" in m["metrics"] and "reward" in m["metrics"], name
-    for stage in ("ppo", "grpo", "rloo"):
+    for stage in ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "remax"):
         assert rows[f"sft+{stage}"]["compute"]["stages"] == ["sft", "rm", stage]
         assert json.loads((root / stage / "summary.json").read_text())["episodes"] == 32
     assert rows["sft (best-of-2)"]["compute"]["episodes"] == 2 * results["n_prompts"]
