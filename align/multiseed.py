@@ -205,11 +205,7 @@ def frontier_plot(s: Summary, out: Path) -> Path | None:
                     label=f"{m} (KL bound)" if bound else m)
     ax.set(xlabel="KL(model || SFT), nats", ylabel="greedy gold reward",
            title=f"Gold reward vs KL, mean and 95% CI over {len(s.seeds)} seeds")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "gold_vs_kl.png"
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, ax, out / "gold_vs_kl.png")
 
 
 def curves_plot(runs: list[SeedRun], out: Path) -> Path | None:
@@ -238,9 +234,12 @@ def curves_plot(runs: list[SeedRun], out: Path) -> Path | None:
         ax.fill_between(x, y.min(0), y.max(0), alpha=0.2)
     ax.set(xlabel="episodes (responses sampled)", ylabel="greedy gold reward (eval prompts)",
            title=f"Gold reward at matched compute, {len(runs)} seeds (band: min-max)")
+    return _save(fig, ax, out / "gold_vs_episodes.png")
+
+
+def _save(fig: Any, ax: Any, path: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = out / "gold_vs_episodes.png"
     fig.savefig(path, dpi=120)
     return path
 
