@@ -308,6 +308,12 @@ def adapter_base(adapter_dir: str | Path) -> str | None:
     return base or None
 
 
+def adapter_task(adapter_dir: str | Path) -> str | None:
+    """The peft `task_type` of an adapter directory (`CAUSAL_LM`, `SEQ_CLS`, ...), or None."""
+    config = Path(adapter_dir) / "adapter_config.json"
+    return json.loads(config.read_text()).get("task_type") if config.is_file() else None
+
+
 def record_base_path(adapter_dir: str | Path, base_path: str) -> None:
     """Record where an adapter's base model is, both ways: `base_model_name_or_path` in
     adapter_config.json absolute (what peft and transformers read, resolving a relative path
@@ -343,7 +349,21 @@ def from_pretrained(auto_cls: Any, src: str, tokenizer: Any, **kwargs: Any) -> t
         return model, info
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
-    model.load_adapter(src)
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(src)
+    if config.task_type == "CAUSAL_LM" and not hasattr(model, "prepare_inputs_for_generation"):
+        # A causal LM's adapter under a sequence classifier (a critic or reward model started from
+        # a LoRA SFT run): only the backbone's LoRA weights apply, so load it as an untyped adapter
+        # (peft's causal-LM wrapper needs generation methods a classifier lacks).
+        config.task_type = None
+    # Merged, not attached: a stage that trains a new LoRA on this model (PPO with LoRA from a LoRA
+    # SFT run) must start from base + adapter, and peft names every new adapter "default", the
+    # name an attached adapter already has, so attaching would let the new one replace it.
+    model = PeftModel.from_pretrained(model, src, config=config).merge_and_unload()
+    # peft froze the base for its adapter; a merged model is trainable like any loaded one
+    # (`load_pretrained` freezes the frozen roles itself).
+    model.requires_grad_(True)
     return model, info
 
 
@@ -662,16 +682,21 @@ def load_score_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, tokenizer: An
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     src_cfg = model_cfg if path is None else ModelConfig(**{**model_cfg.__dict__, "path": path})
+    src = resolve_model_path(src_cfg.path)
+    base = adapter_base(src)
     try:
-        arch = AutoConfig.from_pretrained(resolve_model_path(src_cfg.path)).architectures or []
+        arch = AutoConfig.from_pretrained(base or src).architectures or []
     except (OSError, ValueError) as e:
         raise AlignError(f"could not load model '{src_cfg.path}': {_first_line(e)}") from None
-    # A new head is expected when the weights come from a causal LM: a new reward model or critic,
-    # or the base under a LoRA checkpoint (whose adapter then brings the trained head).
-    from_lm = not any(a.endswith("ForSequenceClassification") for a in arch)
+    # A new head is expected when the weights come from a causal LM: a new reward model or critic
+    # (from a full causal LM, or from a causal LM's LoRA adapter such as a LoRA SFT run), or the
+    # base under a LoRA checkpoint (whose adapter then brings the trained head). A sequence
+    # classifier's adapter (a LoRA reward model) brings its trained head itself.
+    headless = not any(a.endswith("ForSequenceClassification") for a in arch)
+    from_lm = headless and not (base is not None and adapter_task(src) == "SEQ_CLS")
     model = load_trainable(AutoModelForSequenceClassification, src_cfg, lora_cfg, tokenizer, device, resume_from,
                            task_type="SEQ_CLS", num_labels=1,
-                           new_head_ok=from_lm and (resume_from is None or lora_cfg.enabled))
+                           new_head_ok=headless and (resume_from is None or lora_cfg.enabled))
     if resume_from is None and from_lm:
         head = _score_head(model)
         hidden = head.weight.shape[1]

@@ -501,11 +501,6 @@ def test_architecture_table_is_current() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "PPO from a LoRA SFT run: the actor loads (base + the SFT adapter), but the critic's backbone defaults to "
-    "the SFT run and `load_score_model` reads its config with AutoConfig, which an adapter directory lacks, so "
-    "the run stops with one line (`Unrecognized model ...`) instead of training; merging the SFT adapter "
-    "(`lora.merge: true`) or a `critic.path` avoids it"))
 def test_ppo_starts_from_a_lora_sft_run(matrix: Matrix) -> None:
     """SFT with LoRA then PPO from that run: the usual LoRA workflow (recipe B's PPO starts from A's
     full SFT instead, so that `ppo_lora` is tested on every architecture)."""
