@@ -73,7 +73,7 @@ class Checkpointer:
 
             def write_models(path: Path) -> None:
                 for role, (model, tokenizer) in self.models.items():
-                    save_model(model, tokenizer, model_dir(path, role))
+                    save_model(model, tokenizer, model_dir(path, role), standalone=False)
 
             write_checkpoint(self.run, step, write_models, trainer_state, self.keep)
         self.accelerator.wait_for_everyone()

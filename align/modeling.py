@@ -19,6 +19,7 @@ from torch import nn
 
 from align.config import LoraConfig, ModelConfig
 from align.errors import AlignError
+from align.rundir import ADAPTER_BASE_FILE
 
 PAD_TOKEN = "<|pad|>"
 """The pad token align adds when a tokenizer has none and no unused token to reuse."""
@@ -283,8 +284,6 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-ADAPTER_BASE_FILE = "align_base.json"
-"""Beside an adapter align saved: `{"relative": <base relative to the adapter directory>}`."""
 
 
 def adapter_base(adapter_dir: str | Path) -> str | None:
@@ -531,14 +530,20 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, merge_lora: bool = False) -> None:
+def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, merge_lora: bool = False,
+               standalone: bool = True) -> None:
     """Write a model that `Auto*.from_pretrained(out_dir)` loads: full weights, a peft adapter
     (loaded through transformers' peft integration), or the adapter merged into the base.
 
     An adapter records its base relative to `out_dir` (`record_base_path`). When align grew the
     vocabulary (`load_tokenizer` had to add a pad token), the base checkpoint lacks the resized
-    embedding and output head, so the adapter carries them (peft's `save_embedding_layers`), and
-    the tokenizer beside it lets `AutoPeftModelForCausalLM` grow the base before loading them.
+    embedding and output head, and transformers never grows a base it loads for an adapter, so:
+    - `standalone` (a final model): the grown base is saved in `out_dir/base/` and the adapter
+      names it, so `AutoModelForCausalLM`, `AutoPeftModelForCausalLM` and lm-eval's `peft=` load
+      the adapter directory as they load any (the price: a copy of the base, only for tokenizers
+      with no pad, unknown or reserved token to reuse, GPT-2's for one);
+    - else (a checkpoint, read back only by align): the adapter carries the grown embedding and
+      head (peft's `save_embedding_layers`), which align and peft load onto the grown base.
     """
     out_dir = Path(out_dir)
     if merge_lora and hasattr(model, "merge_and_unload"):
@@ -547,10 +552,32 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, merge_lora
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else None
     if base is None:
         model.save_pretrained(out_dir, safe_serialization=True)
+    elif vocabulary_grown(base) and standalone:
+        base_dir = out_dir / GROWN_BASE_DIR
+        base.save_pretrained(base_dir, safe_serialization=True, state_dict=_base_weights(base))
+        tokenizer.save_pretrained(base_dir)
+        model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
+        record_base_path(out_dir, str(base_dir))
     else:
         model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=vocabulary_grown(base))
         record_base_path(out_dir, base.name_or_path)
     tokenizer.save_pretrained(out_dir)
+
+
+GROWN_BASE_DIR = "base"
+"""Inside an adapter's model directory: its base with the embeddings align grew (see `save_model`)."""
+
+
+def _base_weights(base: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of a peft-wrapped model without its adapters, under the model's own names:
+    LoRA tensors dropped, `<layer>.base_layer.weight` -> `<layer>.weight`, and for a trained head
+    (peft's modules_to_save) the original module's copy."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in base.state_dict().items():
+        if "lora_" in name or ".modules_to_save." in name:
+            continue
+        out[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor
+    return out
 
 
 def vocabulary_grown(model: nn.Module) -> bool:

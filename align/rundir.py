@@ -170,6 +170,25 @@ def finish_model(run: RunDir, write_model: Callable[[Path], None]) -> None:
     if run.model.exists():
         discard(run.model)
     os.replace(tmp, run.model)
+    reanchor_adapter(run.model)
+
+
+ADAPTER_BASE_FILE = "align_base.json"
+"""Beside an adapter align saved: `{"relative": <its base, relative to the adapter directory>}`."""
+
+
+def reanchor_adapter(model_dir: Path) -> None:
+    """Point an adapter's `base_model_name_or_path` (absolute: transformers and peft resolve a
+    relative one against the working directory) at its base as recorded relative to the adapter
+    directory, after the directory moved (the final model is written under a temporary name)."""
+    side, config_path = model_dir / ADAPTER_BASE_FILE, model_dir / "adapter_config.json"
+    if not (side.is_file() and config_path.is_file()):
+        return
+    base = (model_dir / json.loads(side.read_text())["relative"]).resolve()
+    config = json.loads(config_path.read_text())
+    if base.is_dir() and config.get("base_model_name_or_path") != str(base):
+        config["base_model_name_or_path"] = str(base)
+        atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -91,8 +91,10 @@ def render(observed: dict[str, dict[str, str]] | None = None) -> str:
         "| --- | --- | --- | --- | --- |",
         *tok_rows,
         "",
-        "Where the tokenizer has no pad token, or pads with EOS, align adds `<|pad|>` and grows the",
-        "embeddings by one row (`align.modeling.load_tokenizer`).",
+        "Where the tokenizer has no pad token, or pads with EOS, and no unused token to reuse, align adds",
+        "`<|pad|>` and grows the embeddings by one row (`align.modeling.load_tokenizer`); a LoRA run's",
+        "final `model/` then holds the grown base in `model/base/`, which its adapter names, so plain",
+        "`AutoModelForCausalLM.from_pretrained(model/)` loads it (`align.modeling.save_model`).",
         "",
     ]
     return "\n".join(out)

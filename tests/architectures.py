@@ -179,12 +179,6 @@ NO_CHAT = refused("chat records need a tokenizer with a chat template, and this 
 OPT_PACKING = refused("attends across examples packed into one row, so packing would change the loss",
                       "OPT's attention ignores position ids, so packed examples would see each other: "
                       "`padding_free: true` stops with a one-line error; unset, it pads")
-RESIZED_ADAPTER = xfail(
-    "the tokenizer has no pad token distinct from EOS and no unused token to reuse, so align adds one and grows "
-    "the embeddings; the adapter carries the grown embedding and head (peft's save_embedding_layers), which "
-    "align, `AutoPeftModelForCausalLM` and peft load, but plain `AutoModelForCausalLM.from_pretrained(model/)` "
-    "builds the base at its own size and fails (transformers 5.24 has no way to grow it there)",
-    match=r"size mismatch|ignore_mismatched_sizes")
 GEMMA_STOP = xfail(
     "Gemma's template closes an assistant turn with `<end_of_turn>`, not EOS (`<eos>`); align trains and samples "
     "with tokenizer.eos_token_id alone (generation_config's `[<eos>, <end_of_turn>]` is overridden), so a "
@@ -192,8 +186,7 @@ GEMMA_STOP = xfail(
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                               "<|eot_id|>"), bos="<|begin_of_text|>", eos="<|eot_id|>", unk=None, pad="missing",
-                    add_bos=True, chat_template=LLAMA3_TEMPLATE,
-                    expect={"sft_lora": RESIZED_ADAPTER}),
+                    add_bos=True, chat_template=LLAMA3_TEMPLATE, expect={}),
     "qwen2": Family("qwen2", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), bos=None, eos="<|im_end|>", unk=None,
                     pad="present", pad_token="<|endoftext|>", chat_template=QWEN2_TEMPLATE,
                     expect={}),
@@ -207,7 +200,7 @@ FAMILIES: dict[str, Family] = {
                      chat_template=GEMMA_TEMPLATE, extra_eos=("<end_of_turn>",),
                      expect={"chat": GEMMA_STOP}),
     "gpt2": Family("gpt2", ("<|endoftext|>",), bos="<|endoftext|>", eos="<|endoftext|>", unk="<|endoftext|>",
-                   pad="eos", expect={"chat": NO_CHAT, "sft_lora": RESIZED_ADAPTER}),
+                   pad="eos", expect={"chat": NO_CHAT}),
     "gpt_neox": Family("gpt_neox", ("<|endoftext|>", "<|padding|>"), bos="<|endoftext|>", eos="<|endoftext|>",
                        unk="<|endoftext|>", pad="eos", expect={"chat": NO_CHAT}),
     "opt": Family("opt", ("<s>", "<pad>", "</s>", "<unk>"), bos="</s>", eos="</s>", unk="<unk>", pad="present",
