@@ -325,7 +325,7 @@ def frontier_plot(s: Summary, out: Path) -> Path | None:
         return None
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4.2))
+    fig = Figure(figsize=(8, 4.2))
     ax = fig.subplots()
     for m, kl, g, bound in pts:
         ax.errorbar(kl.mean, g.mean, xerr=[[kl.mean - kl.low], [kl.high - kl.mean]],
@@ -333,9 +333,10 @@ def frontier_plot(s: Summary, out: Path) -> Path | None:
                     label=f"{m} (KL bound)" if bound else m)
     for m, points in curves.items():
         _curve_line(ax, m, points, "kl_bound")
-    ax.set(xlabel="KL(model || SFT), nats", ylabel="greedy gold reward",
+    ax.set(xlabel="KL(model || SFT), nats", ylabel="gold reward (greedy; best-of-n: the kept sample)",
            title=f"Gold reward vs KL, mean and 95% CI over {len(s.seeds)} seeds")
-    return _save(fig, ax, out / "gold_vs_kl.png")
+    # beside the axes: with a dozen entries, inside it hides the points
+    return _save(fig, ax, out / "gold_vs_kl.png", loc="upper left", bbox_to_anchor=(1.01, 1))
 
 
 def curves_plot(runs: list[SeedRun], out: Path, s: Summary | None = None) -> Path | None:
