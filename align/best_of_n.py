@@ -5,6 +5,9 @@ Used two ways, by the same function:
   (one of the data strategies the SFT literature recommends: distil, best-of-K, filter);
 - `align eval` with `best_of: n`: best-of-n as an inference-time method, a row of its own beside
   the trained ones, with its sampling cost (tokens generated, episodes = n x prompts).
+- `align eval` with `best_of_curve: [1, 2, ..., N]`: one draw of N samples per prompt, from which
+  every n <= N is estimated (align/stats.py `best_of_n_estimate`); that needs every candidate,
+  so `BestOfN` keeps them all with their raw scores and lengths.
 
 Each prompt is repeated n times in one generate call (prompt-major rows: p0 x n, p1 x n, ...), so
 with n = 1 the call, and under the same seed the sample, is exactly plain sampling's.

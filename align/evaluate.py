@@ -10,7 +10,9 @@ For each model:
 - the compute that produced it: wall time, tokens and episodes, peak memory, summed along the
   chain of runs that led to it (SFT, then SFT+PPO, ...).
 Writes `results.json` and `responses/<name>.jsonl` (per prompt: response, reward, gold) into
-`output_dir`; `align compare` builds the report from them.
+`output_dir`; `align compare` builds the report from them. With `best_of: n`, a best-of-n row;
+with `best_of_curve`, best-of-n for several n from one draw (results.json `best_of_curves`, the
+candidates in `responses/<name>.best-of-curve.jsonl`), which the multi-seed report plots.
 """
 
 from __future__ import annotations

@@ -165,10 +165,6 @@ class CurvePoint:
     """Against the baseline's greedy gold reward, per prompt and seed; None without a gold reward."""
 
 
-CURVE_COMPUTE = ("episodes", "tokens_generated", "wall_time_sec")
-"""The sampling cost a curve point shows (compute/<key> in its intervals)."""
-
-
 def summarize(runs: list[SeedRun]) -> Summary:
     first = runs[0].results
     models = [m["name"] for m in first["models"]]
