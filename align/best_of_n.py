@@ -5,6 +5,9 @@ Used two ways, by the same function:
   (one of the data strategies the SFT literature recommends: distil, best-of-K, filter);
 - `align eval` with `best_of: n`: best-of-n as an inference-time method, a row of its own beside
   the trained ones, with its sampling cost (tokens generated, episodes = n x prompts).
+- `align eval` with `best_of_curve: [1, 2, ..., N]`: one draw of N samples per prompt, from which
+  every n <= N is estimated (align/stats.py `best_of_n_estimate`); that needs every candidate,
+  so `BestOfN` keeps them all with their raw scores and lengths.
 
 Each prompt is repeated n times in one generate call (prompt-major rows: p0 x n, p1 x n, ...), so
 with n = 1 the call, and under the same seed the sample, is exactly plain sampling's.
@@ -43,6 +46,12 @@ class BestOfN:
     """(P,) its reward."""
     candidate_scores: torch.Tensor
     """(P, n) every sampled response's reward (row i: prompt i's n samples, in sampling order)."""
+    candidates: list[list[str]]
+    """(P, n) every sampled response, in the order of `candidate_scores`."""
+    candidate_raw_scores: torch.Tensor
+    """(P, n) their raw reward, before `shape_scores` (what `align eval` reports)."""
+    candidate_lengths: torch.Tensor
+    """(P, n) their lengths in tokens, EOS included."""
     lengths: torch.Tensor
     """(P,) kept response length in tokens, EOS included."""
     has_eos: torch.Tensor
@@ -64,6 +73,8 @@ def best_of_n(model: Any, tokenizer: Any, prompts: list[D.Prompt], reward: Rewar
     """For each prompt, sample n responses at `temperature` and keep the highest-scoring one (the
     first of equal scores). `batch_size` counts prompts: each generate call holds batch_size x n rows."""
     kept, scores, cand, lengths, eos = [], [], [], [], []
+    texts_all: list[list[str]] = []
+    raw_all, lengths_all = [], []
     tokens = 0
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s:s + batch_size]
@@ -71,20 +82,23 @@ def best_of_n(model: Any, tokenizer: Any, prompts: list[D.Prompt], reward: Rewar
         rollout = sample(model, tokenizer, [q.ids for q in rows], response_length, temperature=temperature)
         texts = decode_responses(tokenizer, rollout)
         # training scores (align/reward.py): the same shaping as the online methods train on
-        score = reward.training_scores([q.text for q in rows], texts, rollout,
-                                       [tokenizer.decode(q.ids, skip_special_tokens=True) for q in rows])[1].cpu()
-        score = score.view(len(chunk), n)  # (B, n)
+        raw, score = reward.training_scores([q.text for q in rows], texts, rollout,
+                                            [tokenizer.decode(q.ids, skip_special_tokens=True) for q in rows])
+        score = score.cpu().view(len(chunk), n)  # (B, n)
         best = score.argmax(dim=1)  # (B,) argmax returns the first maximal index
         pick = torch.arange(len(chunk)) * n + best  # (B,) row of each kept response
         kept += [texts[i] for i in pick.tolist()]
         scores.append(score.gather(1, best[:, None]).squeeze(1))
         cand.append(score)
         row_lengths = rollout.response_mask.sum(1).cpu()
+        texts_all += [texts[i * n:(i + 1) * n] for i in range(len(chunk))]
+        raw_all.append(raw.cpu().view(len(chunk), n))
+        lengths_all.append(row_lengths.view(len(chunk), n))
         lengths.append(row_lengths[pick])
         eos.append(rollout.has_eos.cpu()[pick])
         tokens += int(row_lengths.sum())
-    return BestOfN(kept, torch.cat(scores), torch.cat(cand), torch.cat(lengths), torch.cat(eos), tokens,
-                   len(prompts) * n)
+    return BestOfN(kept, torch.cat(scores), torch.cat(cand), texts_all, torch.cat(raw_all), torch.cat(lengths_all),
+                   torch.cat(lengths), torch.cat(eos), tokens, len(prompts) * n)
 
 
 def run_sample(cfg: SampleConfig) -> dict[str, Any]:

@@ -678,6 +678,11 @@ class EvalConfig(Command):
     """Names (see `names`) of the models to evaluate with best-of-n; default: the first model."""
     best_of_temperature: float = bounded(1.0, gt=0)
     """Sampling temperature of the best-of-n candidates."""
+    best_of_curve: list[int] | None = None
+    """Also best-of-n as a curve over these n, e.g. [1, 2, 4, 8, 16], for each model of
+    `best_of_models`: one draw of max(n) samples per prompt, and every n's point estimated from it
+    (align/stats.py `best_of_n_estimate`), each with its gold and learned reward, KL bound and
+    sampling cost. Written to results.json's `best_of_curves`. Needs a learned reward."""
 
     def check(self) -> list[str]:
         out = _require(self, ["output_dir", "prompts"])
@@ -689,6 +694,17 @@ class EvalConfig(Command):
             out.append("set at most one of config keys 'reward_model' and 'reward_function'")
         if self.best_of is not None and not (self.reward_model or self.reward_function):
             out.append("config key 'best_of' needs a reward to choose with: set 'reward_model' or 'reward_function'")
+        if self.best_of_curve is not None:
+            if not (self.reward_model or self.reward_function):
+                out.append("config key 'best_of_curve' needs a reward to choose with: set 'reward_model' or "
+                           "'reward_function'")
+            if not self.best_of_curve:
+                out.append("config key 'best_of_curve' is empty; list the n to estimate, e.g. [1, 2, 4, 8, 16]")
+            bad = [n for n in self.best_of_curve if n < 1]  # from_dict has checked they are ints
+            if bad:
+                out.append(f"config key 'best_of_curve' holds {bad[0]!r}; every n must be an integer >= 1")
+            elif len(set(self.best_of_curve)) != len(self.best_of_curve):
+                out.append("config key 'best_of_curve' lists an n twice")
         names = self.names or [Path(m).parent.name if Path(m).name == "model" else Path(m).name for m in self.models]
         for name in self.best_of_models or []:
             if name not in names:

@@ -10,7 +10,9 @@ For each model:
 - the compute that produced it: wall time, tokens and episodes, peak memory, summed along the
   chain of runs that led to it (SFT, then SFT+PPO, ...).
 Writes `results.json` and `responses/<name>.jsonl` (per prompt: response, reward, gold) into
-`output_dir`; `align compare` builds the report from them.
+`output_dir`; `align compare` builds the report from them. With `best_of: n`, a best-of-n row;
+with `best_of_curve`, best-of-n for several n from one draw (results.json `best_of_curves`, the
+candidates in `responses/<name>.best-of-curve.jsonl`), which the multi-seed report plots.
 """
 
 from __future__ import annotations
@@ -172,7 +174,8 @@ def evaluate_models(cfg: EvalConfig, dry_run: bool = False) -> dict[str, Any]:
     (out / "responses").mkdir(parents=True, exist_ok=True)
     raw = [q.text for q in prompts]
     texts_in = [tokenizer.decode(q.ids, skip_special_tokens=True) for q in prompts]
-    results = []
+    results: list[dict[str, Any]] = []
+    curves: list[dict[str, Any]] = []
     for name, path in zip(names, paths):
         model = load_pretrained(AutoModelForCausalLM, ModelConfig(path=path), tokenizer, trainable=False, device=device)
         set_seed(cfg.seed)
@@ -229,11 +232,16 @@ def evaluate_models(cfg: EvalConfig, dry_run: bool = False) -> dict[str, Any]:
         results.append({"name": name, "path": str(path), "metrics": metrics, "compute": lineages[names.index(name)],
                         "responses": f"responses/{name}.jsonl"})
         print(f"eval: {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        base = results[-1]
         if cfg.best_of is not None and name in (cfg.best_of_models or names[:1]):
-            results.append(evaluate_best_of_n(model, tokenizer, prompts, reward, gold, cfg, name, results[-1], out))
+            results.append(evaluate_best_of_n(model, tokenizer, prompts, reward, gold, cfg, name, base, out))
+        if cfg.best_of_curve is not None and name in (cfg.best_of_models or names[:1]):
+            curves.append(evaluate_best_of_curve(model, tokenizer, prompts, reward, gold, cfg, name, base, out))
     content = {"prompts": cfg.prompts, "n_prompts": len(prompts), "baseline": names[0], "models": results,
                "has_reward": reward is not None, "has_gold": gold is not None,
                "wall_time_sec": time.time() - t0, "peak_memory_mb": peak_memory_mb()}
+    if curves:
+        content["best_of_curves"] = curves
     atomic_write_text(out / "results.json", json.dumps(content, indent=2))
     return content
 
@@ -273,6 +281,54 @@ def evaluate_best_of_n(model: Any, tokenizer: Any, prompts: list[D.Prompt], rewa
                     "tokens_generated": result.tokens_generated})
     print(f"eval: {row_name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
     return {"name": row_name, "path": base["path"], "metrics": metrics, "compute": compute, "responses": file}
+
+
+def evaluate_best_of_curve(model: Any, tokenizer: Any, prompts: list[D.Prompt], reward: Reward, gold: Any,
+                           cfg: EvalConfig, name: str, base: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Best-of-n from `model` for every n of `cfg.best_of_curve`, from one draw of N = max(n)
+    samples per prompt: each point is the unbiased estimate over the n-subsets of the N
+    (align/stats.py `best_of_n_estimate`; the choice by the training score, as best-of-n makes it,
+    the learned reward reported raw, as eval reports it). The candidates, their scores and their
+    lengths go to `responses/<name>.best-of-curve.jsonl`, so the per-prompt estimates can be
+    recomputed. A point's cost is that of drawing n samples: n x prompts episodes, n/N of the
+    tokens and of the wall time the N took, on top of the base model's compute."""
+    from align.best_of_n import best_of_n, kl_bound
+    from align.stats import best_of_n_estimate
+
+    ns = sorted(cfg.best_of_curve or [])
+    big = ns[-1]
+    t0 = time.time()
+    set_seed(cfg.seed)
+    result = best_of_n(model, tokenizer, prompts, reward, big, cfg.response_length, cfg.best_of_temperature,
+                       cfg.batch_size)
+    wall = time.time() - t0
+    raw = [q.text for q in prompts]
+    choose = result.candidate_scores.tolist()  # (P, N) training scores: what best-of-n picks by
+    per_key = {"reward": result.candidate_raw_scores.tolist(), "response_length": result.candidate_lengths.tolist()}
+    if gold is not None:
+        golds = call_reward_function(gold, cfg.gold_reward, [p for p in raw for _ in range(big)],
+                                     [t for c in result.candidates for t in c]).tolist()
+        per_key["gold_reward"] = [golds[i * big:(i + 1) * big] for i in range(len(raw))]
+    rows = [{"prompt": p, "responses": c, "score": s, **{k: v[i] for k, v in per_key.items()}}
+            for i, (p, c, s) in enumerate(zip(raw, result.candidates, choose))]
+    file = f"responses/{name}.best-of-curve.jsonl"
+    atomic_write_text(out / file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    points = []
+    for n in ns:
+        metrics = {k: sum(best_of_n_estimate(s, v, n) for s, v in zip(choose, vals)) / len(prompts)
+                   for k, vals in per_key.items()}
+        tokens = round(result.tokens_generated * n / big)
+        compute = dict(base["compute"])
+        compute.update({"wall_time_sec": compute.get("wall_time_sec", 0.0) + wall * n / big,
+                        "tokens": compute.get("tokens", 0) + tokens,
+                        "episodes": compute.get("episodes", 0) + n * len(prompts),
+                        "peak_memory_mb": max(compute.get("peak_memory_mb", 0.0), peak_memory_mb()),
+                        "stages": [*compute.get("stages", []), f"best-of-{n}"], "tokens_generated": tokens})
+        points.append({"n": n, "metrics": {**metrics, "kl_bound": kl_bound(n)}, "compute": compute})
+        print(f"eval: {name} (best-of-{n} of {big}): " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+              flush=True)
+    return {"model": name, "samples": big, "estimator": "unbiased over n-subsets of the samples (Nakano et al. 2021)",
+            "temperature": cfg.best_of_temperature, "responses": file, "points": points}
 
 
 def infer_eval_defaults(models: list[str]) -> dict[str, Any]:

@@ -174,6 +174,39 @@ def seed_level_difference(method_per_seed: Sequence[float], baseline_per_seed: S
                        f"paired differences, {ci.method}; sign test over {d.size} seeds")
 
 
+def best_of_n_estimate(scores: Sequence[float], values: Sequence[float], n: int) -> float:
+    """Expected `values` of best-of-n, estimated from N >= n samples of one prompt.
+
+    Best-of-n draws n responses and keeps the one with the highest score. From N i.i.d. samples
+    this averages that choice over every n-subset of them, each subset being itself a draw of n:
+    the unbiased estimator of Nakano et al. 2021 (WebGPT, appendix) that Gao et al. 2022 use for
+    their best-of-n curves. As a U-statistic it has the least variance of the unbiased estimators,
+    well below taking the first n samples, and one draw of N gives every n <= N.
+
+    With the samples sorted by score, the k-th lowest (1-based) is the best of a uniform n-subset
+    with probability C(k-1, n-1) / C(N, n). Equal scores are broken uniformly at random: a group of
+    tied samples shares its summed probability equally, so it contributes its mean value.
+    ValueError when the lengths differ, N < n, n < 1, or a number is not finite.
+    """
+    s, v = _as_values(scores, "samples"), _as_values(values, "samples")
+    if s.size != v.size:
+        raise ValueError(f"{s.size} scores for {v.size} values")
+    if not 1 <= n <= s.size:
+        raise ValueError(f"best-of-{n} needs 1 <= n <= the {s.size} samples")
+    order = np.argsort(s, kind="stable")
+    s, v = s[order], v[order]
+    total = math.comb(s.size, n)
+    weights = np.array([math.comb(k - 1, n - 1) / total for k in range(1, s.size + 1)])  # (N,), sums to 1
+    out, start = 0.0, 0
+    while start < s.size:  # one group of equal scores at a time
+        end = start + 1
+        while end < s.size and s[end] == s[start]:
+            end += 1
+        out += float(weights[start:end].sum() * v[start:end].mean())
+        start = end
+    return out
+
+
 def exact_sign_test(wins: int, losses: int) -> float:
     """Exact two-sided binomial sign test: P(a count this far from n/2) with n = wins + losses, p = 1/2.
 

@@ -105,3 +105,43 @@ def test_best_of_needs_a_reward() -> None:
     cfg = from_dict(EvalConfig, {"output_dir": "x", "models": ["m"], "prompts": "p", "best_of": 4})
     with pytest.raises(ConfigError, match="best_of"):
         cfg.validate()
+
+
+def test_eval_draws_a_best_of_n_curve_once(tiny_model_dir: Path, addition_data: dict[str, Path],
+                                           tmp_path: Path) -> None:
+    from align.evaluate import evaluate_models
+    from align.stats import best_of_n_estimate
+
+    cfg = from_dict(EvalConfig, {"output_dir": str(tmp_path / "eval"), "models": [str(tiny_model_dir)],
+                                 "prompts": str(addition_data["eval"]), "prompt_template": TEMPLATE,
+                                 "reward_function": REWARD, "gold_reward": "toy_rewards:fraction_of_sevens",
+                                 "response_length": 4, "max_samples": 3, "best_of_curve": [4, 1, 2]})
+    cfg.validate()
+    results = evaluate_models(cfg)
+    assert [m["name"] for m in results["models"]] == ["tiny"]  # the curve is not a model row
+    (curve,) = results["best_of_curves"]
+    assert curve["model"] == "tiny" and curve["samples"] == 4
+    rows = [json.loads(line) for line in (tmp_path / "eval" / curve["responses"]).read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["responses"]) == len(r["gold_reward"]) == 4 for r in rows)
+    # the candidates' scores are the reward function's, and each point is their estimate
+    assert rows[0]["reward"] == [float(sum(map(ord, t))) for t in rows[0]["responses"]]
+    points = {p["n"]: p for p in curve["points"]}
+    assert list(points) == [1, 2, 4]
+    assert points[1]["metrics"]["reward"] == pytest.approx(sum(sum(r["reward"]) / 4 for r in rows) / 3)
+    assert points[4]["metrics"]["reward"] == pytest.approx(sum(max(r["reward"]) for r in rows) / 3)
+    assert points[2]["metrics"]["gold_reward"] == pytest.approx(
+        sum(best_of_n_estimate(r["score"], r["gold_reward"], 2) for r in rows) / 3)
+    assert points[1]["metrics"]["kl_bound"] == 0.0
+    total = sum(sum(r["response_length"]) for r in rows)
+    for n, p in points.items():
+        assert p["compute"]["episodes"] == 3 * n and p["compute"]["tokens_generated"] == round(total * n / 4)
+
+
+def test_best_of_curve_is_checked() -> None:
+    from align.errors import ConfigError
+
+    base = {"output_dir": "x", "models": ["m"], "prompts": "p"}
+    with pytest.raises(ConfigError, match="'best_of_curve' needs a reward"):
+        from_dict(EvalConfig, {**base, "best_of_curve": [1, 2]}).validate()
+    with pytest.raises(ConfigError, match="every n must be an integer >= 1"):
+        from_dict(EvalConfig, {**base, "reward_function": REWARD, "best_of_curve": [0, 2]}).validate()

@@ -64,3 +64,21 @@ def test_short_multi_method_recipe_reports_every_method_with_its_compute(tmp_pat
     table = (root / "report" / "report.md").read_text()
     for name in rows:
         assert name in table, name
+    (curve,) = results["best_of_curves"]  # the recipe's best-of-n curve, from one draw of 16
+    assert curve["model"] == "sft" and curve["samples"] == 16
+    assert [p["compute"]["episodes"] for p in curve["points"]] == [n * results["n_prompts"] for n in (1, 2, 4, 8, 16)]
+
+
+def test_every_expectation_names_a_model_the_recipe_evaluates() -> None:
+    from align.expect import parse_expectations
+    from align.multiseed import curve_name
+
+    plan = load_recipe(str(ALL))
+    ev = plan.stages["eval"]
+    base = ev.best_of_models or ev.names[:1]
+    known = {*ev.names, *(f"{m} (best-of-{ev.best_of})" for m in base),
+             *(curve_name(m, n) for m in base for n in ev.best_of_curve)}
+    expectations = parse_expectations(plan.recipe.expect, str(ALL))
+    assert expectations and plan.recipe.seeds == "0-4"
+    for e in expectations:
+        assert {e.model, e.minus} - {None} <= known, e

@@ -244,3 +244,44 @@ def test_parse_seeds_rejects(text: str, message: str) -> None:
     with pytest.raises(ValueError) as err:
         parse_seeds(text)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_best_of_n_estimate_by_hand() -> None:
+    from align.stats import best_of_n_estimate
+
+    # sorted by score: 1 -> 20, 2 -> 30, 3 -> 10. n = 2: the subsets {3,1}, {3,2} keep 10, {1,2} keeps 30
+    scores, values = [3.0, 1.0, 2.0], [10.0, 20.0, 30.0]
+    assert best_of_n_estimate(scores, values, 1) == pytest.approx(20.0)  # the plain mean
+    assert best_of_n_estimate(scores, values, 2) == pytest.approx(50 / 3)
+    assert best_of_n_estimate(scores, values, 3) == pytest.approx(10.0)  # the top score's value
+
+
+def test_best_of_n_estimate_breaks_ties_evenly() -> None:
+    from align.stats import best_of_n_estimate
+
+    # n = 2 subsets: {a, b} tie -> (4 + 8) / 2, {a, c} -> 4, {b, c} -> 8: mean 6, whatever the tied order
+    assert best_of_n_estimate([1.0, 1.0, 0.0], [4.0, 8.0, 0.0], 2) == pytest.approx(6.0)
+    assert best_of_n_estimate([1.0, 1.0, 0.0], [8.0, 4.0, 0.0], 2) == pytest.approx(6.0)
+    assert best_of_n_estimate([5.0, 5.0, 5.0], [1.0, 0.0, 0.0], 3) == pytest.approx(1 / 3)
+
+
+def test_best_of_n_estimate_is_the_mean_over_subsets() -> None:
+    from itertools import combinations
+
+    from align.stats import best_of_n_estimate
+
+    rng = np.random.default_rng(4)
+    scores, values = rng.normal(size=9), rng.random(9)
+    for n in (1, 2, 4, 9):
+        subsets = list(combinations(range(9), n))
+        brute = np.mean([values[max(c, key=lambda i: scores[i])] for c in subsets])
+        assert best_of_n_estimate(scores, values, n) == pytest.approx(brute)
+
+
+def test_best_of_n_estimate_rejects() -> None:
+    from align.stats import best_of_n_estimate
+
+    with pytest.raises(ValueError, match="1 <= n"):
+        best_of_n_estimate([1.0, 2.0], [0.0, 1.0], 3)
+    with pytest.raises(ValueError, match="2 scores for 1 values"):
+        best_of_n_estimate([1.0, 2.0], [0.0], 1)
