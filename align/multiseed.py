@@ -335,38 +335,58 @@ def frontier_plot(s: Summary, out: Path) -> Path | None:
     return _save(fig, ax, out / "gold_vs_kl.png", loc="upper left", bbox_to_anchor=(1.01, 1))
 
 
+COMPUTE_AXES = (("episode", "compute/episodes", "episodes (responses sampled)"),
+                ("tokens_generated", "compute/tokens_generated", "response tokens generated"),
+                ("train_time", None, "training wall time (s)"))
+"""The x axes of the matched-compute plot: the key in an RL stage's eval rows, the key of a
+best-of-n point's cost (None: not drawn; a best-of-n point's wall time includes SFT's), the label."""
+REWARD_AXES = (("eval/gold_reward", "gold_reward", "greedy gold reward"),
+               ("eval/reward", "reward", "greedy learned reward"))
+
+
 def curves_plot(runs: list[SeedRun], out: Path, s: Summary | None = None) -> Path | None:
-    """Greedy gold reward on the eval prompts against episodes, from step 0 (the SFT point), for
-    every RL stage: the mean over seeds and the band from the lowest to the highest seed. Beside
-    them, each best-of-n curve of `s` at its sampling cost (n x prompts episodes), with its 95%
-    intervals over seeds."""
+    """Matched compute: greedy gold and learned reward on the eval prompts (rows) against episodes,
+    generated tokens and training wall time (columns), from step 0 (the SFT point), for every RL
+    stage: the mean over seeds and the band from the lowest to the highest seed. Beside them, each
+    best-of-n curve of `s` at its sampling cost, with its 95% intervals over seeds."""
     import numpy as np
 
-    series: dict[str, list[tuple[list[float], list[float]]]] = {}
+    series: dict[str, list[list[dict[str, Any]]]] = {}
     for run in runs:
         for stage in run.summaries:
-            rows = _metrics(run.root / stage / "metrics.jsonl")
-            pts = [(r["episode"], r["eval/gold_reward"]) for r in rows if "eval/gold_reward" in r and "episode" in r]
-            if pts:
-                series.setdefault(stage, []).append(([p[0] for p in pts], [p[1] for p in pts]))
+            rows = [r for r in _metrics(run.root / stage / "metrics.jsonl") if "eval/gold_reward" in r]
+            if rows:
+                series.setdefault(stage, []).append(rows)
     curves = _gold_curves(s) if s is not None else {}
     if not series and not curves:
         return None
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4.2))
-    ax = fig.subplots()
-    for m, points in curves.items():  # its sampling cost: n x prompts responses, drawn at eval time
-        _curve_line(ax, m, points, "compute/episodes")
-    for stage, per_seed in series.items():
-        n = min(len(x) for x, _ in per_seed)
-        x = np.array(per_seed[0][0][:n], dtype=float)
-        y = np.array([ys[:n] for _, ys in per_seed], dtype=float)
-        ax.plot(x, y.mean(0), label=f"sft+{stage}")
-        ax.fill_between(x, y.min(0), y.max(0), alpha=0.2)
-    ax.set(xlabel="episodes (responses sampled)", ylabel="greedy gold reward (eval prompts)",
-           title=f"Gold reward at matched compute, {len(runs)} seeds (band: min-max)")
-    return _save(fig, ax, out / "gold_vs_episodes.png")
+    fig = Figure(figsize=(13, 7))
+    axes = fig.subplots(len(REWARD_AXES), len(COMPUTE_AXES), squeeze=False)
+    for r, (y_key, y_point, y_label) in enumerate(REWARD_AXES):
+        for c, (x_key, x_point, x_label) in enumerate(COMPUTE_AXES):
+            ax = axes[r][c]
+            if x_point is not None:
+                for m, points in curves.items():  # its sampling cost, drawn at eval time
+                    if y_point in points[0].intervals and x_point in points[0].intervals:
+                        _curve_line(ax, m, points, x_point, y_point)
+            for stage, per_seed in series.items():
+                if not all(x_key in row and y_key in row for rows in per_seed for row in rows):
+                    continue  # a run from before the key was logged
+                n = min(len(rows) for rows in per_seed)
+                # Episodes and tokens are the same at every seed up to dynamic sampling; wall time is not.
+                x = np.array([[row[x_key] for row in rows[:n]] for rows in per_seed], dtype=float).mean(0)
+                y = np.array([[row[y_key] for row in rows[:n]] for rows in per_seed], dtype=float)
+                ax.plot(x, y.mean(0), label=f"sft+{stage}")
+                ax.fill_between(x, y.min(0), y.max(0), alpha=0.2)
+            ax.set(xlabel=x_label, ylabel=y_label)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Reward at matched compute, {len(runs)} seeds (bands: min-max over seeds; "
+                 "best-of-n: 95% intervals; wall time: RL stages only)")
+    fig.tight_layout()
+    fig.savefig(out / "matched_compute.png", dpi=110)
+    return out / "matched_compute.png"
 
 
 def _gold_curves(s: Summary) -> dict[str, list[CurvePoint]]:
@@ -374,15 +394,15 @@ def _gold_curves(s: Summary) -> dict[str, list[CurvePoint]]:
     return {m: points for m, points in s.curves.items() if points and "gold_reward" in points[0].intervals}
 
 
-def _curve_line(ax: Any, model: str, points: list[CurvePoint], x_key: str) -> None:
-    """A best-of-n curve: gold reward against `x_key` (kl_bound or compute/episodes), 95% intervals over seeds."""
+def _curve_line(ax: Any, model: str, points: list[CurvePoint], x_key: str, y_key: str = "gold_reward") -> None:
+    """A best-of-n curve: `y_key` against `x_key` (kl_bound or a compute/ key), 95% intervals over seeds."""
     x = [p.intervals[x_key].mean for p in points]
-    g = [p.intervals["gold_reward"] for p in points]
+    g = [p.intervals[y_key] for p in points]
     ax.errorbar(x, [i.mean for i in g], yerr=[[i.mean - i.low for i in g], [i.high - i.mean for i in g]], fmt="s--",
                 capsize=3, label=f"{model} best-of-n (n = {', '.join(str(p.n) for p in points)})"
                 + (", KL bound" if x_key == "kl_bound" else ""))
     for xi, p in zip(x, points):
-        ax.annotate(f"n={p.n}", (xi, p.intervals["gold_reward"].mean), xytext=(4, -10), textcoords="offset points",
+        ax.annotate(f"n={p.n}", (xi, p.intervals[y_key].mean), xytext=(4, -10), textcoords="offset points",
                     fontsize=7)
 
 

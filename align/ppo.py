@@ -403,7 +403,7 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
         stateful.update(critic_opt=t.critic_opt, critic_sched=t.critic_sched)
     checkpointer = Checkpointer(run, p.keep_checkpoints, accelerator, models, stateful)
     state = {"step": 0, "episode": 0, "epoch": 0, "batch_in_epoch": 0, "train_time": 0.0, "tokens_seen": 0,
-             "first_response_length": 0.0}
+             "tokens_generated": 0, "first_response_length": 0.0}
     if ckpt is not None:
         state.update(checkpointer.restore(ckpt))
     if is_main:
@@ -426,7 +426,8 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
         out: dict[str, float] = {}
         if is_main:
             out = evaluate(bundle, actor, tokenizer, eval_prompts, cfg, gold)
-            out.update(episode=state["episode"], tokens_seen=state["tokens_seen"], train_time=time.time() - t_loop)
+            out.update(episode=state["episode"], tokens_seen=state["tokens_seen"],
+                       tokens_generated=state["tokens_generated"], train_time=time.time() - t_loop)
             logger.log(state["step"], out)
         accelerator.wait_for_everyone()
         return out
@@ -474,6 +475,8 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
         state["episode"] += global_batch
         step_tokens = accelerator.reduce(exp.rollout.attention_mask.sum(), "sum").item()
         state["tokens_seen"] += step_tokens
+        # Response tokens of the responses trained on (dynamic sampling's dropped draws not counted).
+        state["tokens_generated"] += accelerator.reduce(exp.rollout.response_mask.sum(), "sum").item()
         bar.update(1)
         step_time = time.time() - t0
         if state["step"] % p.log_every == 0 or state["step"] == n_steps:

@@ -92,7 +92,7 @@ def test_best_of_n_curve_points_from_the_candidates(root: Path) -> None:
 
 def test_report_writes_the_plots(root: Path) -> None:
     report = write_report(root, root / "report")
-    for name in ("gold_vs_kl", "gold_vs_episodes", "win_rates"):
+    for name in ("gold_vs_kl", "matched_compute", "win_rates"):
         path = root / "report" / f"{name}.png"
         assert path.read_bytes()[:8] == PNG_SIGNATURE, name
         assert f"![{name}]({name}.png)" in report["text"]

@@ -263,3 +263,21 @@ def test_fused_scoring_matches_separate_scoring_passes(mode, sft_model, prompts_
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+
+
+def test_evals_log_the_response_tokens_generated_so_far(sft_model, prompts_file, tmp_path):
+    """The matched-compute x axis: each eval row's `tokens_generated` is the sum over the steps
+    before it of (mean response length x responses per step)."""
+    from align.ppo import train_ppo
+
+    train_ppo(ppo_config(tmp_path / "ppo", sft_model, prompts_file,
+                         **{"ppo.total_episodes": 48, "ppo.eval_every": 2, "ppo.log_every": 1,
+                            "eval.prompts": str(prompts_file), "eval.max_samples": 4}))
+    rows = read_metrics(tmp_path / "ppo" / "metrics.jsonl")
+    evals = [r for r in rows if "eval/reward" in r]
+    train = [r for r in rows if "response_length" in r]
+    assert [r["step"] for r in evals] == [0, 2, 3] and len(train) == 3
+    for e in evals:
+        expected = sum(r["response_length"] * 16 for r in train if r["step"] <= e["step"])
+        assert e["tokens_generated"] == pytest.approx(expected, rel=1e-6), e
+    assert evals[-1]["tokens_generated"] > 0
