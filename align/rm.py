@@ -32,12 +32,12 @@ def read_pair_records(cfg: RMConfig) -> tuple[list[D.Record], list[D.Record]]:
     """Read the train (and validation) pairs and check every one; also the `normalize_with` file,
     which is only used after training but must not fail then."""
     d = cfg.data
-    records = D.read_records(d.train, d.split, d.max_samples)
+    records = D.read_records(d.train, d.split, d.max_samples, d.dataset_config, d.columns)
     if D.detect_format(records, d.format) != "preference":
         raise AlignError(f"{records[0].where}: the reward model needs preference pairs {{prompt, chosen, rejected}}")
     D.validate_records(records, "preference")
     if d.validation:
-        val_records = D.read_records(d.validation, d.split)
+        val_records = D.read_records(d.validation, d.validation_split, None, d.dataset_config, d.columns)
         D.validate_records(val_records, "preference")
     else:
         records, val_records = D.split_validation(records, d.val_fraction, cfg.seed)
