@@ -225,8 +225,8 @@ def loading_section(form: str, model_dir: Path, link: Link) -> list[str]:
                 "`[BOS] prompt response EOS` (the EOS appended to the response, BOS where the tokenizer adds "
                 "one), the prompt wrapped in the template the model was trained with, and each part "
                 "tokenized on its own, as align does. align's score then subtracts the normalisation offset "
-                "of `align_reward.json` (`bias`) that the score head could not hold. This reproduces "
-                "align's score exactly:", "", "```python", reward_snippet(model_dir, template), "```", "",
+                "of `align_reward.json` (`bias`) that the score head could not hold. This gives "
+                "align's score (to float rounding):", "", "```python", reward_snippet(model_dir, template), "```", "",
                 "For conversations (message lists), the input is "
                 "`tokenizer.apply_chat_template(messages, tokenize=False)` tokenized without special tokens "
                 "(the chat template closes the assistant turn), with no EOS appended."]

@@ -62,7 +62,7 @@ class Example:
 
 
 def read_records(source: str, split: str = "train", max_samples: int | None = None, dataset_config: str | None = None,
-                 columns: dict[str, str] | None = None, columns_key: str = "data.columns") -> list[Record]:
+                 columns: dict[str, str] | None = None) -> list[Record]:
     """Read a .jsonl/.json/.csv/.parquet file, a dataset directory, or a hub dataset by name, then
     rename `columns` (`{field: column}`, see `map_columns`).
 
@@ -88,11 +88,10 @@ def read_records(source: str, split: str = "train", max_samples: int | None = No
     if not records:
         raise AlignError(f"{source}: no records")
     records = records[:max_samples] if max_samples else records
-    return map_columns(records, columns, source, columns_key) if columns else records
+    return map_columns(records, columns, source) if columns else records
 
 
-def map_columns(records: list[Record], columns: dict[str, str], source: str,
-                key: str = "data.columns") -> list[Record]:
+def map_columns(records: list[Record], columns: dict[str, str], source: str) -> list[Record]:
     """Rename each record's `columns[field]` to `field` (all at once, so a column may take the name
     another one had). LLaMA-Factory's alpaca names (`prompt`, `query`, `response`) become
     `instruction`, `input`, `output` when `query` is mapped. A column no record has is an error
@@ -103,9 +102,9 @@ def map_columns(records: list[Record], columns: dict[str, str], source: str,
     names = {(LLAMA_FACTORY_COLUMNS[f] if "query" in columns else f): (f, c) for f, c in columns.items()}
     for field, (given, column) in names.items():
         if all(column not in r.fields for r in records):
-            raise AlignError(f"{source}: column '{column}' (config key '{key}.{given}') is not in the data; its "
+            raise AlignError(f"{source}: column '{column}' (config key 'data.columns.{given}') is not in the data; its "
                              f"columns are {', '.join(map(str, records[0].fields)) or 'none'}")
-    problems = [f"{r.where}: column '{column}' (config key '{key}.{given}') is missing"
+    problems = [f"{r.where}: column '{column}' (config key 'data.columns.{given}') is missing"
                 for r in records for field, (given, column) in names.items()
                 if column not in r.fields and field != "input"]
     if problems:

@@ -166,7 +166,8 @@ def push_to_hub(out: Path, repo_id: str, private: bool) -> str:
 
     api = HfApi()
     try:
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        # private=None (not False) leaves a new repo's visibility to the account's default.
+        api.create_repo(repo_id, repo_type="model", private=True if private else None, exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=str(out), repo_type="model",
                                  commit_message="Upload a model exported by align")
     except Exception as e:  # network, authentication, permissions: whatever the hub answers, in one line

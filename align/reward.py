@@ -8,7 +8,8 @@ score: the reward model's judgement, the same whatever a method's shaping settin
 
 Raw score: a reward model's output at the last real token of `[BOS] prompt response [EOS]` minus
 the bias stored by `align rm --set normalize_with=...` (so SFT responses score 0 on average; see
-NORMALIZATION_FILE for the part folded into the head), or a function's float. Training score (`shape_scores`, in this order):
+NORMALIZATION_FILE for the part folded into the head), or a function's float. Training score
+(`shape_scores`, in this order):
 1. the missing-EOS penalty: a response that ran out of room before EOS loses
    `missing_eos_penalty` (the "EOS trick", Huang et al. 2024);
 2. the overlong penalty: a soft, linear penalty over the last `overlong_buffer` tokens of the

@@ -151,6 +151,8 @@ def test_reward_model_export_keeps_the_scoring_reproducible(tiny_model_dir: Path
     assert export(tmp_path / "rm", out).exit_code == 0
     saved = json.loads((out / "align_reward.json").read_text())
     assert saved["normalized_with"] == "norm.jsonl" and saved["bias"] != 0.0
+    for name, text in text_files(out).items():
+        assert str(tmp_path) not in text, f"{name} names a machine path"
     shutil.rmtree(tmp_path / "rm")
     assert torch.allclose(torch.tensor(run_snippet(out)), want, atol=1e-5, rtol=0)
     assert len(PAIRS) == len(want)
@@ -160,7 +162,8 @@ def test_export_errors_are_one_line(lora_run: dict[str, Any], tmp_path: Path) ->
     run = lora_run["run"]
     cases = [
         ((tmp_path / "nowhere", tmp_path / "o1"), f"error: RUN '{tmp_path / 'nowhere'}' does not exist"),
-        ((run, tmp_path / "o2", "--push-to-hub", "bad//id"), "error: --push-to-hub: 'bad//id' is not a valid hub repo id"),
+        ((run, tmp_path / "o2", "--push-to-hub", "bad//id"),
+         "error: --push-to-hub: 'bad//id' is not a valid hub repo id"),
         ((run, tmp_path / "o3", "--private"), "error: --private applies to --push-to-hub"),
         ((run, run / "model"), f"error: OUT '{run / 'model'}' is the run directory or holds it"),
         ((run, tmp_path / "o4", "--base-model", "a/b"), "error: --base-model applies to --adapter-only exports"),
@@ -220,6 +223,7 @@ def test_push_to_hub_calls_upload_folder_with_the_export(lora_run: dict[str, Any
 
     monkeypatch.setattr(HfApi, "upload_folder", refused)
     result = export(lora_run["run"], tmp_path / "out2", "--push-to-hub", "someone/tiny-sft")
+    assert calls[-1][0] == "create_repo" and calls[-1][2]["private"] is None  # the account's default
     assert result.exit_code == 2 and (tmp_path / "out2" / "model.safetensors").is_file()
     assert result.stderr.strip() == (f"error: exported to '{tmp_path / 'out2'}', but pushing it to 'someone/tiny-sft' "
                                      "failed: 401 Client Error: Unauthorized")

@@ -83,7 +83,8 @@ def test_a_column_some_records_lack_is_reported_by_line(tmp_path: Path) -> None:
 def test_llama_factory_columns_map_onto_alpaca(tmp_path: Path) -> None:
     """dataset_info.json's `columns` as LLaMA-Factory writes them: prompt/query/response are the
     instruction, input and output; a record without the query column has no input (optional)."""
-    path = write_jsonl(tmp_path / "lf.jsonl", [{"instr": "Add.", "inp": "2 3", "out": "5"}, {"instr": "Say 1.", "out": "1"}])
+    path = write_jsonl(tmp_path / "lf.jsonl", [{"instr": "Add.", "inp": "2 3", "out": "5"},
+                                               {"instr": "Say 1.", "out": "1"}])
     records = D.read_records(str(path), columns={"prompt": "instr", "query": "inp", "response": "out"})
     assert [r.fields for r in records] == [{"instruction": "Add.", "input": "2 3", "output": "5"},
                                            {"instruction": "Say 1.", "output": "1"}]
@@ -126,7 +127,8 @@ def test_column_keys_are_checked_with_the_config(tmp_path: Path) -> None:
         return str(e.value)
 
     assert problems({"history": "h"}).startswith("config key 'data.columns.history' is not a field align reads")
-    assert problems({"prompt": ""}) == "config key 'data.columns.prompt' must name a column (a non-empty string, got '')"
+    assert problems({"prompt": ""}) == ("config key 'data.columns.prompt' must name a column (a non-empty string, "
+                                        "got '')")
     assert "config key 'data.columns.query' is LLaMA-Factory's alpaca input" in problems(
         {"prompt": "p", "query": "q", "chosen": "c", "rejected": "r"})
 
