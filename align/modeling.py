@@ -692,7 +692,8 @@ def fold_score_offset(model: Any, offset: float) -> float:
     in modeling_layers.py, and GPT-2, GPT-NeoX, OPT, Bloom, Falcon, MPT... alike), and no config flag
     adds one; a bias saved anyway is dropped as an unexpected key when loaded. Those keep the whole
     offset in align_reward.json (`bias`). Align's normalisation is a mean alone (no scale), so the
-    head's weight is left as it is."""
+    head's weight is left as it is. A critic started from a reward model whose head took the offset
+    starts from the normalised score (the head as saved)."""
     head = _score_head(model.model if isinstance(model, ScoreModel) else model)
     if offset == 0.0 or getattr(head, "bias", None) is None:
         return 0.0
