@@ -155,6 +155,8 @@ def test_trl_names_map_onto_the_data_section(repo: Path, tmp_path: Path, tiny_mo
     from align.hf_names import translate
 
     assert translate("grpo", {"dataset_config_name": "main"})[0] == {"data": {"dataset_config": "main"}}
+    # TRL's test split is a split name, not a data source (it used to become data.validation: "test").
+    assert translate("sft", {"dataset_test_split": "test"})[0] == {"data": {"validation_split": "test"}}
 
 
 def test_prompt_sets_take_the_mapping_too(repo: Path, tokenizer: Any) -> None:
