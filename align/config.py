@@ -159,7 +159,7 @@ class DataConfig:
                                                "LLaMA-Factory's query)"))
             elif not isinstance(column, str) or not column:
                 out.append((f"columns.{name}", f"must name a column (a non-empty string, got {column!r})"))
-        if "query" in self.columns and {"chosen", "rejected", "instruction", "input", "output"} & set(self.columns):
+        if "query" in self.columns and not set(self.columns) <= set(LLAMA_FACTORY_COLUMNS):
             out.append(("columns.query", "is LLaMA-Factory's alpaca input: use it with prompt and response only"))
         return out
 

@@ -99,7 +99,7 @@ def map_columns(records: list[Record], columns: dict[str, str], source: str) -> 
     reported with its location (alpaca's optional `input` may be absent)."""
     from align.config import LLAMA_FACTORY_COLUMNS
 
-    names = {(LLAMA_FACTORY_COLUMNS[f] if "query" in columns else f): (f, c) for f, c in columns.items()}
+    names = {(LLAMA_FACTORY_COLUMNS.get(f, f) if "query" in columns else f): (f, c) for f, c in columns.items()}
     for field, (given, column) in names.items():
         if all(column not in r.fields for r in records):
             raise AlignError(f"{source}: column '{column}' (config key 'data.columns.{given}') is not in the data; its "

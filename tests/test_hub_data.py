@@ -129,8 +129,9 @@ def test_column_keys_are_checked_with_the_config(tmp_path: Path) -> None:
     assert problems({"history": "h"}).startswith("config key 'data.columns.history' is not a field align reads")
     assert problems({"prompt": ""}) == ("config key 'data.columns.prompt' must name a column (a non-empty string, "
                                         "got '')")
-    assert "config key 'data.columns.query' is LLaMA-Factory's alpaca input" in problems(
-        {"prompt": "p", "query": "q", "chosen": "c", "rejected": "r"})
+    for other in ({"chosen": "c", "rejected": "r"}, {"messages": "m"}, {"completion": "c"}):
+        assert "config key 'data.columns.query' is LLaMA-Factory's alpaca input" in problems(
+            {"prompt": "p", "query": "q", **other})
 
 
 def test_trl_names_map_onto_the_data_section(repo: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
