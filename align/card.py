@@ -233,7 +233,8 @@ def loading_section(form: str, model_dir: Path, link: Link) -> list[str]:
     if form == "adapter":
         config = _read_json(model_dir / "adapter_config.json")
         base = config.get("base_model_name_or_path")
-        where = f"`{base}`" if is_hub_id(base) else "the local directory recorded in `adapter_config.json`"
+        where = f"`{base}`" if is_hub_id(base) else (
+            f"the local model `{shown_model(base)}`, at the path `adapter_config.json` records" if base else "unrecorded")
         return ["A LoRA adapter; its base model is " + where + ". `align export RUN OUT` writes it merged into "
                 "the base (or the adapter alone, for a base on the hub).", "", "```python",
                 "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
