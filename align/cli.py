@@ -337,6 +337,34 @@ def generate_cmd(model_path: str, prompts: tuple[str, ...], template: str | None
         click.echo(f"{p}{r}" if len(prompts) == 1 else f"--- {p}\n{r}")
 
 
+@main.command("export")
+@click.argument("run_path", metavar="RUN")
+@click.argument("out_dir", metavar="OUT", type=click.Path(file_okay=False))
+@click.option("--merge/--adapter-only", default=True, show_default=True,
+              help="A LoRA run: merge the adapter into its base model, or write the adapter alone.")
+@click.option("--base-model", default=None, metavar="REPO_ID",
+              help="With --adapter-only: the hub id of the adapter's base model, when it was trained on a local one.")
+@click.option("--push-to-hub", "repo_id", default=None, metavar="REPO_ID",
+              help="Then upload OUT to this hub model repo (created if missing; needs `hf auth login`).")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+@click.option("--force", is_flag=True, help="Replace OUT when it exists and is not empty.")
+@user_errors
+def export_cmd(run_path: str, out_dir: str, merge: bool, base_model: str | None, repo_id: str | None, private: bool,
+               force: bool) -> None:
+    """Write RUN's final model to OUT as a portable model: from_pretrained(OUT) loads it anywhere, with
+    its tokenizer, generation config and model card (and a reward model's align_reward.json)."""
+    from align.export import check_repo_id, export_model, push_to_hub
+
+    if private and repo_id is None:
+        raise AlignError("--private applies to --push-to-hub")
+    if repo_id is not None:
+        check_repo_id(repo_id)  # before any work
+    out = export_model(run_path, out_dir, merge=merge, base_model=base_model, force=force)
+    click.echo(f"export: wrote {out}")
+    if repo_id is not None:
+        click.echo(f"export: pushed to {push_to_hub(out, repo_id, private)}")
+
+
 @main.command("sample")
 @click.argument("model_path")
 @click.option("--prompts", required=True, help="Prompt file (any prompt format).")

@@ -107,6 +107,12 @@ class LoraConfig:
         return [("target", f"must be 'all' or a non-empty list of module names (got {self.target!r})")]
 
 
+COLUMN_FIELDS = ("instruction", "input", "output", "prompt", "response", "completion", "chosen", "rejected", "messages")
+"""The record fields `data.columns` may fill (align/data.py `FORMAT_FIELDS`, alpaca's `input`)."""
+LLAMA_FACTORY_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
+"""LLaMA-Factory's alpaca column names, as align's fields (used when its `query` is mapped)."""
+
+
 @dataclass
 class DataConfig:
     """Where the examples come from and how they become tokens."""
@@ -119,7 +125,19 @@ class DataConfig:
     """Fraction of train records held out for validation when `validation` is not given (chosen by
     a shuffle seeded with `seed`, at least one record); 0 means no validation."""
     split: str = "train"
-    """Split to read from a hub dataset."""
+    """Split of `train` to read when it is a hub dataset or a dataset directory (TRL's
+    `dataset_train_split`)."""
+    validation_split: str = "test"
+    """Split of `validation` to read when it is a hub dataset or a dataset directory (TRL's
+    `dataset_test_split`)."""
+    dataset_config: str | None = None
+    """The configuration (subset) of a hub dataset or dataset directory: the `name` argument of
+    `datasets.load_dataset` (TRL's `dataset_config`, the HF examples' `dataset_config_name`)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Dataset columns renamed onto align's fields, `{field: column}`, e.g. `{prompt: question,
+    response: answer}`. Fields: instruction, input, output, prompt, response, completion, chosen,
+    rejected, messages. LLaMA-Factory's dataset_info `columns` work as written: with `query`, its
+    `prompt`, `query` and `response` are alpaca's instruction, input and output."""
     format: Literal["auto", "alpaca", "prompt_response", "prompt_completion", "chat", "preference", "prompt"] = "auto"
     """Record format; `auto` detects it from the first record's keys."""
     prompt_template: str = "{prompt}"
@@ -132,6 +150,18 @@ class DataConfig:
     reported either way."""
     max_samples: int | None = bounded(None, ge=1)
     """Use only the first N records (for smoke runs)."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        for name, column in self.columns.items():
+            if name not in COLUMN_FIELDS and name not in LLAMA_FACTORY_COLUMNS:
+                out.append((f"columns.{name}", f"is not a field align reads (fields: {', '.join(COLUMN_FIELDS)}; "
+                                               "LLaMA-Factory's query)"))
+            elif not isinstance(column, str) or not column:
+                out.append((f"columns.{name}", f"must name a column (a non-empty string, got {column!r})"))
+        if "query" in self.columns and not set(self.columns) <= set(LLAMA_FACTORY_COLUMNS):
+            out.append(("columns.query", "is LLaMA-Factory's alpaca input: use it with prompt and response only"))
+        return out
 
 
 @dataclass
@@ -307,8 +337,9 @@ class RMConfig(Command):
     """Loss margin: -log sigmoid(r_chosen - r_rejected - margin)."""
     normalize_with: str | None = None
     """A `{prompt, response}` file (e.g. the SFT validation data). After training, the mean score
-    of its responses is stored with the model and subtracted at scoring time, so such responses
-    score 0 on average. None: no normalisation."""
+    of its responses is subtracted from the score head's bias where the head has one, else stored
+    in `model/align_reward.json` and subtracted at scoring time, so such responses score 0 on
+    average. None: no normalisation."""
 
     def check(self) -> list[str]:
         out = _require(self, ["output_dir", "model.path", "data.train"])
@@ -354,7 +385,8 @@ class RewardConfig:
     offload: bool = False
     """Keep the reward model on CPU and move it to the accelerator only while scoring."""
     normalize: bool = True
-    """Subtract the bias stored by `align rm --set normalize_with=...`, if any."""
+    """Apply the normalisation `align rm --set normalize_with=...` stored, if any (subtract the
+    `bias` of align_reward.json); false: the raw score (what a score head's bias holds of it added back)."""
     clip: float | None = bounded(None, gt=0)
     """Clip training scores to [-clip, clip] (after the penalties)."""
     whiten: bool = False
@@ -731,7 +763,8 @@ class SampleConfig(Command):
     reward_function: str | None = None
     """Or a `module:function` reward taking (prompts, responses) and returning floats."""
     normalize: bool = True
-    """Subtract the bias stored with the reward model (`align rm --set normalize_with=...`), if any."""
+    """Apply the normalisation stored with the reward model (`align rm --set normalize_with=...`), if
+    any; false: the raw score."""
     prompt_template: str | None = None
     """Prompt template; None: the one in the model's run config, else `{prompt}`."""
     max_prompt_length: int = bounded(256, ge=1)

@@ -61,11 +61,16 @@ class Example:
 # Reading
 
 
-def read_records(source: str, split: str = "train", max_samples: int | None = None) -> list[Record]:
-    """Read a .jsonl/.json/.csv/.parquet file, or a hub dataset by name.
+def read_records(source: str, split: str = "train", max_samples: int | None = None, dataset_config: str | None = None,
+                 columns: dict[str, str] | None = None) -> list[Record]:
+    """Read a .jsonl/.json/.csv/.parquet file, a dataset directory, or a hub dataset by name, then
+    rename `columns` (`{field: column}`, see `map_columns`).
 
     JSON lines are parsed here, line by line, so a malformed line is reported by its line number
-    (all bad lines of a file together); other formats go through `datasets`.
+    (all bad lines of a file together); other formats go through `datasets`. A directory is a
+    dataset saved with `save_to_disk`, or one `load_dataset` reads (data files, and a README.md
+    whose `configs` name the configurations); `split` and `dataset_config` (`load_dataset`'s
+    `name`) choose in it or in a hub dataset.
     """
     path = Path(source).expanduser()
     if path.suffix in (".jsonl", ".json", ".csv", ".parquet") and not path.exists():
@@ -74,13 +79,43 @@ def read_records(source: str, split: str = "train", max_samples: int | None = No
         records = _read_json(path)
     elif path.is_file():
         records = _read_with_datasets(str(path), path.suffix.lstrip("."), split)
+    elif path.is_dir():
+        records = _read_dataset_dir(path, source, split, dataset_config)
     elif path.exists():
-        raise AlignError(f"data path '{source}' is not a file")
+        raise AlignError(f"data path '{source}' is not a file or a directory")
     else:
-        records = _read_hub(source, split)
+        records = _read_hub(source, split, dataset_config)
     if not records:
         raise AlignError(f"{source}: no records")
-    return records[:max_samples] if max_samples else records
+    records = records[:max_samples] if max_samples else records
+    return map_columns(records, columns, source) if columns else records
+
+
+def map_columns(records: list[Record], columns: dict[str, str], source: str) -> list[Record]:
+    """Rename each record's `columns[field]` to `field` (all at once, so a column may take the name
+    another one had). LLaMA-Factory's alpaca names (`prompt`, `query`, `response`) become
+    `instruction`, `input`, `output` when `query` is mapped. A column no record has is an error
+    naming it, its config key and the columns there are; a record lacking a column another has is
+    reported with its location (alpaca's optional `input` may be absent)."""
+    from align.config import LLAMA_FACTORY_COLUMNS
+
+    names = {(LLAMA_FACTORY_COLUMNS.get(f, f) if "query" in columns else f): (f, c) for f, c in columns.items()}
+    for field, (given, column) in names.items():
+        if all(column not in r.fields for r in records):
+            raise AlignError(f"{source}: column '{column}' (config key 'data.columns.{given}') is not in the data; its "
+                             f"columns are {', '.join(map(str, records[0].fields)) or 'none'}")
+    problems = [f"{r.where}: column '{column}' (config key 'data.columns.{given}') is missing"
+                for r in records for field, (given, column) in names.items()
+                if column not in r.fields and field != "input"]
+    if problems:
+        raise DataError(problems, MAX_REPORTED_PROBLEMS)
+    sources = {column for _, column in names.values()}
+    out = []
+    for r in records:
+        fields = {k: v for k, v in r.fields.items() if k not in sources}
+        fields.update({field: r.fields[column] for field, (_, column) in names.items() if column in r.fields})
+        out.append(Record(r.where, fields))
+    return out
 
 
 def _read_json(path: Path) -> list[Record]:
@@ -179,16 +214,55 @@ def _read_with_datasets(path: str, kind: str, split: str) -> list[Record]:
             for i, r in enumerate(ds)]
 
 
-def _read_hub(name: str, split: str) -> list[Record]:
+def _read_hub(name: str, split: str, dataset_config: str | None = None) -> list[Record]:
     import datasets
 
     datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, name=dataset_config, split=split)
     except Exception as e:
-        raise AlignError(f"data '{name}' is neither a local file nor a loadable hub dataset "
+        which = f" (config '{dataset_config}', split '{split}')" if dataset_config else f" (split '{split}')"
+        raise AlignError(f"data '{name}'{which} is neither a local file nor a loadable hub dataset "
                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    return [Record(f"{name}[{split}][{i}]", dict(r)) for i, r in enumerate(ds)]
+    return _dataset_records(ds, name, split, dataset_config)
+
+
+def _dataset_records(ds: Any, name: str, split: str, dataset_config: str | None) -> list[Record]:
+    where = f"{name}[{dataset_config}/{split}]" if dataset_config else f"{name}[{split}]"
+    return [Record(f"{where}[{i}]", dict(r)) for i, r in enumerate(ds)]
+
+
+SAVED_DATASET_FILES = ("dataset_dict.json", "state.json")
+"""What `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write at a directory's top."""
+
+
+def _read_dataset_dir(path: Path, source: str, split: str, dataset_config: str | None) -> list[Record]:
+    """A dataset directory: saved with `save_to_disk` (read with `load_from_disk`; a DatasetDict
+    gives `split`), or data files `load_dataset` reads, with the configurations of its README."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if any((path / f).is_file() for f in SAVED_DATASET_FILES):
+        if dataset_config:
+            raise AlignError(f"config key 'data.dataset_config' ('{dataset_config}') does not apply to '{source}', a "
+                             "dataset saved with save_to_disk (it has no configurations)")
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # datasets raises many types for damaged directories
+            raise AlignError(f"data directory '{source}': could not load it with load_from_disk "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise AlignError(f"data directory '{source}' has no split '{split}' (its splits: {', '.join(ds)})")
+            ds = ds[split]
+        return _dataset_records(ds, source, split, None)
+    try:
+        ds = datasets.load_dataset(str(path), name=dataset_config, split=split)
+    except Exception as e:
+        raise AlignError(f"data directory '{source}' does not load as a dataset"
+                         f"{f' with config {dataset_config!r}' if dataset_config else ''} and split '{split}' "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return _dataset_records(ds, source, split, dataset_config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -586,13 +660,14 @@ class Prompt:
 
 def load_prompts(source: str, fmt: str, template: str, tokenizer: Any, max_length: int, truncation: str,
                  split: str = "train", max_samples: int | None = None, context: int | None = None,
-                 new_tokens: int = 0) -> tuple[list[Prompt], TokenizeReport]:
+                 new_tokens: int = 0, dataset_config: str | None = None,
+                 columns: dict[str, str] | None = None) -> tuple[list[Prompt], TokenizeReport]:
     """Read a prompt set: records of any SFT format (the response, if any, is ignored), or
     `{prompt}` alone. Ids are built exactly as in SFT, so the policy sees what it was trained on.
     A prompt longer than `max_length` tokens is dropped, or stops the run (truncation `error`);
     prompts are never cut, since a cut prompt asks a different question. A kept prompt that leaves
     no room for `new_tokens` in the model's `context` is an error naming its line."""
-    records, fmt = read_prompt_records(source, fmt, split, max_samples)
+    records, fmt = read_prompt_records(source, fmt, split, max_samples, dataset_config, columns)
     prefix = [] if fmt == "chat" else bos_prefix(tokenizer)
     report, out, problems = TokenizeReport(), [], []
     for rec in records:
@@ -619,11 +694,12 @@ def load_prompts(source: str, fmt: str, template: str, tokenizer: Any, max_lengt
     return out, report
 
 
-def read_prompt_records(source: str, fmt: str = "auto", split: str = "train",
-                        max_samples: int | None = None) -> tuple[list[Record], str]:
+def read_prompt_records(source: str, fmt: str = "auto", split: str = "train", max_samples: int | None = None,
+                        dataset_config: str | None = None, columns: dict[str, str] | None = None
+                        ) -> tuple[list[Record], str]:
     """Read and check a prompt set (every record), without a tokenizer. Returns the records and
     their format: `chat` (a conversation), `alpaca` or `prompt`."""
-    records = read_records(source, split, max_samples)
+    records = read_records(source, split, max_samples, dataset_config, columns)
     fmt = detect_format(records, fmt, PROMPT_FIELDS | FORMAT_FIELDS)
     if fmt in ("prompt", "preference", "prompt_response", "prompt_completion") and isinstance(
             records[0].fields.get("prompt"), list):

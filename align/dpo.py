@@ -59,8 +59,9 @@ def preference_rows(records: list[D.Record], template: str, tokenizer: Any, max_
     return rows, dropped
 
 
-def read_pairs(source: str, cfg: DPOStageConfig) -> list[D.Record]:
-    records = D.read_records(source, cfg.data.split, cfg.data.max_samples)
+def read_pairs(source: str, cfg: DPOStageConfig, split: str) -> list[D.Record]:
+    d = cfg.data
+    records = D.read_records(source, split, d.max_samples, d.dataset_config, d.columns)
     fmt = D.detect_format(records, cfg.data.format)
     if fmt != "preference":
         raise AlignError(f"{source}: DPO trains on preference pairs {{prompt, chosen, rejected}}, found {fmt} records")
@@ -85,9 +86,9 @@ def train_dpo(cfg: DPOStageConfig, resume: bool = False, force: bool = False, dr
     reference_path = cfg.reference or cfg.model.path
     if cfg.reference:
         inspect_model(cfg.reference, "reference", cfg.model.trust_remote_code)
-    train_records = read_pairs(d.train, cfg)
+    train_records = read_pairs(d.train, cfg, d.split)
     if d.validation:
-        val_records = read_pairs(d.validation, cfg)
+        val_records = read_pairs(d.validation, cfg, d.validation_split)
     else:
         train_records, val_records = D.split_validation(train_records, d.val_fraction, cfg.seed)
     train_rows, dropped = preference_rows(train_records, d.prompt_template, tokenizer, d.max_length, d.truncation)

@@ -125,6 +125,7 @@ def table(stage: str) -> dict[str, Value]:
         "logging_steps": _opt("log_every")(s), "save_steps": _opt("save_every")(s),
         "save_total_limit": _opt("keep_checkpoints")(s), "report_to": _report_to,
         "dataset_name": _to("data.train"), "dataset": _to("data.train"), "dataset_train_split": _to("data.split"),
+        "dataset_config": _to("data.dataset_config"), "dataset_config_name": _to("data.dataset_config"),
         "max_samples": _to("data.max_samples"),
         "finetuning_type": _finetuning_type, "lora_target": _lora_target, "lora_target_modules": _lora_target,
         "lora_r": _to("lora.r"), "lora_rank": _to("lora.r"), "lora_alpha": _to("lora.alpha"),
@@ -136,7 +137,7 @@ def table(stage: str) -> dict[str, Value]:
             "num_train_epochs": _to("train.epochs"), "max_steps": _max_steps("train"),
             "warmup_steps": _to("train.warmup_steps"), "warmup_ratio": _to("train.warmup_ratio"),
             "eval_steps": _to("train.eval_every"), "max_length": _to("data.max_length"),
-            "cutoff_len": _to("data.max_length"), "dataset_test_split": _to("data.validation"),
+            "cutoff_len": _to("data.max_length"), "dataset_test_split": _to("data.validation_split"),
         })
     if stage == "dpo":
         out.update({"beta": _to("beta"), "pref_beta": _to("beta"), "loss_type": _to("loss_type"),

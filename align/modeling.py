@@ -734,6 +734,25 @@ def load_score_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, tokenizer: An
     return ScoreModel(model)
 
 
+@torch.no_grad()
+def fold_score_offset(model: Any, offset: float) -> float:
+    """Subtract `offset` from the score head's bias, where the head has one, so that the saved
+    classifier's output is already the normalised score; return the amount folded (`offset` or 0).
+
+    Most heads have no bias to fold into: every causal LM's sequence classifier in transformers
+    5.24 builds `score = nn.Linear(hidden, num_labels, bias=False)` (`GenericForSequenceClassification`
+    in modeling_layers.py, and GPT-2, GPT-NeoX, OPT, Bloom, Falcon, MPT... alike), and no config flag
+    adds one; a bias saved anyway is dropped as an unexpected key when loaded. Those keep the whole
+    offset in align_reward.json (`bias`). Align's normalisation is a mean alone (no scale), so the
+    head's weight is left as it is. A critic started from a reward model whose head took the offset
+    starts from the normalised score (the head as saved)."""
+    head = _score_head(model.model if isinstance(model, ScoreModel) else model)
+    if offset == 0.0 or getattr(head, "bias", None) is None:
+        return 0.0
+    head.bias -= offset
+    return offset
+
+
 def _score_head(model: Any) -> nn.Linear:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.score

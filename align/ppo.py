@@ -149,9 +149,11 @@ def evaluate(bundle: ModelBundle, actor: Any, tokenizer: Any, prompts: list[D.Pr
 
 def check_inputs(cfg: RLConfig, ready: Callable[..., bool]) -> None:
     """What `align run --dry-run` can check of an RL stage while an earlier stage is pending."""
-    for source, split in ((cfg.data.train, cfg.data.split), (cfg.eval.prompts, "train")):
+    d = cfg.data
+    for source, split, columns in ((d.train, d.split, {"dataset_config": d.dataset_config, "columns": d.columns}),
+                                   (cfg.eval.prompts, "train", {})):
         if source and ready(source):
-            D.read_prompt_records(source, cfg.data.format, split)
+            D.read_prompt_records(source, cfg.data.format, split, **columns)
     for key, spec in (("reward.function", cfg.reward.function), ("eval.gold_reward", cfg.eval.gold_reward)):
         if spec:
             load_reward_function(spec, key)
@@ -371,7 +373,7 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
     d = cfg.data
     context = context_length(*(found[k] for k in ("actor", "critic", "reward") if k in found))
     prompts, report = D.load_prompts(d.train, d.format, d.prompt_template, tokenizer, d.max_length, d.truncation,
-                                     d.split, d.max_samples, context, p.response_length)
+                                     d.split, d.max_samples, context, p.response_length, d.dataset_config, d.columns)
     eval_prompts = D.load_prompts(cfg.eval.prompts, d.format, d.prompt_template, tokenizer, d.max_length,
                                   d.truncation, max_samples=cfg.eval.max_samples, context=context,
                                   new_tokens=p.response_length)[0] if cfg.eval.prompts else []

@@ -7,8 +7,9 @@ keeps the candidate with the highest training score) and `align eval` (which rep
 score: the reward model's judgement, the same whatever a method's shaping settings).
 
 Raw score: a reward model's output at the last real token of `[BOS] prompt response [EOS]` minus
-the bias stored by `align rm --set normalize_with=...` (so SFT responses score 0 on average), or a
-function's float. Training score (`shape_scores`, in this order):
+the bias stored by `align rm --set normalize_with=...` (so SFT responses score 0 on average; see
+NORMALIZATION_FILE for the part folded into the head), or a function's float. Training score
+(`shape_scores`, in this order):
 1. the missing-EOS penalty: a response that ran out of room before EOS loses
    `missing_eos_penalty` (the "EOS trick", Huang et al. 2024);
 2. the overlong penalty: a soft, linear penalty over the last `overlong_buffer` tokens of the
@@ -31,7 +32,10 @@ from align.generation import Rollout
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 NORMALIZATION_FILE = "align_reward.json"
-"""Written by `align rm` beside the reward model: the bias to subtract (`{"bias": float}`)."""
+"""Written by `align rm` beside the reward model: `bias`, what to subtract from the saved classifier's
+output to get the normalised score, and `folded_into_head`, the part of the normalisation already
+subtracted inside the score head's bias (0 for heads without one, most: `fold_score_offset`), which
+an unnormalised score (`normalize: false`) adds back. Files without it folded nothing."""
 
 
 @dataclass(frozen=True)
@@ -129,8 +133,9 @@ class Reward:
                                                 trainable=False, device=self.home, num_labels=1))
         self.offload = offload
         norm = Path(path) / NORMALIZATION_FILE
-        if normalize and norm.is_file():
-            self.bias = float(json.loads(norm.read_text())["bias"])
+        if norm.is_file():
+            saved = json.loads(norm.read_text())
+            self.bias = float(saved["bias"]) if normalize else -float(saved.get("folded_into_head", 0.0))
 
     @classmethod
     def from_ppo(cls, cfg: Any, tokenizer: Any, device: torch.device) -> "Reward":

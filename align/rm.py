@@ -22,7 +22,7 @@ from align import data as D
 from align.checkpoint import resume_point
 from align.config import RMConfig
 from align.errors import AlignError
-from align.modeling import ScoreModel, context_length, last_token_index, load_score_model
+from align.modeling import ScoreModel, context_length, fold_score_offset, last_token_index, load_score_model
 from align.reward import NORMALIZATION_FILE
 from align.rl import bradley_terry_loss
 from align.trainer import Stage, check_schedule, fit, open_stage, supervised_plan
@@ -32,12 +32,12 @@ def read_pair_records(cfg: RMConfig) -> tuple[list[D.Record], list[D.Record]]:
     """Read the train (and validation) pairs and check every one; also the `normalize_with` file,
     which is only used after training but must not fail then."""
     d = cfg.data
-    records = D.read_records(d.train, d.split, d.max_samples)
+    records = D.read_records(d.train, d.split, d.max_samples, d.dataset_config, d.columns)
     if D.detect_format(records, d.format) != "preference":
         raise AlignError(f"{records[0].where}: the reward model needs preference pairs {{prompt, chosen, rejected}}")
     D.validate_records(records, "preference")
     if d.validation:
-        val_records = D.read_records(d.validation, d.split)
+        val_records = D.read_records(d.validation, d.validation_split, None, d.dataset_config, d.columns)
         D.validate_records(val_records, "preference")
     else:
         records, val_records = D.split_validation(records, d.val_fraction, cfg.seed)
@@ -111,8 +111,12 @@ def train_rm(cfg: RMConfig, resume: bool = False, force: bool = False, dry_run: 
     model = load_score_model(cfg.model, cfg.lora, tokenizer, accelerator.device, ckpt)
 
     def write_normalization(unwrapped: Any, out: Path) -> None:
-        bias = normalization_bias(unwrapped, cfg, tokenizer, accelerator.device) if cfg.normalize_with else 0.0
-        (out / NORMALIZATION_FILE).write_text(json.dumps({"bias": bias, "normalized_with": cfg.normalize_with}))
+        # The mean goes into the head's bias where it has one; `bias` is what is left to subtract from
+        # the saved classifier's output, `folded_into_head` what a raw (unnormalised) score adds back.
+        mean = normalization_bias(unwrapped, cfg, tokenizer, accelerator.device) if cfg.normalize_with else 0.0
+        folded = fold_score_offset(unwrapped, mean)
+        (out / NORMALIZATION_FILE).write_text(json.dumps({"bias": mean - folded, "folded_into_head": folded,
+                                                          "normalized_with": cfg.normalize_with}))
 
     stage = Stage(
         name="rm", terms=make_terms(cfg.margin), merge_lora=True, extra_files=write_normalization,

@@ -8,7 +8,7 @@ Every training stage writes the same layout:
     <output_dir>/metrics.jsonl        one JSON object per logged step, appended line by line
     <output_dir>/checkpoints/step-N/  the model(s) of that step + trainer_state.pt (align/checkpoint.py)
     <output_dir>/checkpoints/latest   name of the newest complete checkpoint
-    <output_dir>/model/               the final model, loadable with from_pretrained
+    <output_dir>/model/               the final model, loadable with from_pretrained, and its card (README.md)
     <output_dir>/summary.json         written last: its presence means the run is complete
 
 Files are written to a temporary name and renamed into place (`atomic_write_text`), so a killed
@@ -136,7 +136,12 @@ def write_json(path: Path, value: Any) -> None:
 
 
 def write_summary(run: RunDir, summary: dict[str, Any]) -> None:
-    """Mark the run complete. Written last, atomically."""
+    """Mark the run complete. Written last, atomically; first the model card (`model/README.md`,
+    align/card.py), which quotes this summary's metrics, so a complete run always has its card."""
+    if run.model.is_dir():
+        from align.card import write_model_card
+
+        write_model_card(run, json_safe(summary))
     write_json(run.summary, summary)
 
 

@@ -28,13 +28,13 @@ from align.trainer import Stage, check_schedule, fit, open_stage, supervised_pla
 def read_sft_records(cfg: SFTConfig) -> tuple[list[D.Record], list[D.Record], str]:
     """Read the train (and validation) records and check every one of them: (train, validation, format)."""
     d = cfg.data
-    records = D.read_records(d.train, d.split, d.max_samples)
+    records = D.read_records(d.train, d.split, d.max_samples, d.dataset_config, d.columns)
     fmt = D.detect_format(records, d.format)
     if fmt in ("preference", "prompt"):
         raise AlignError(f"{records[0].where}: SFT needs prompt/response records, not {fmt} records")
     D.validate_records(records, fmt)
     if d.validation:
-        val_records = D.read_records(d.validation, d.split)
+        val_records = D.read_records(d.validation, d.validation_split, None, d.dataset_config, d.columns)
         D.validate_records(val_records, fmt)  # tokenized like train, so it must have train's format
     else:
         records, val_records = D.split_validation(records, d.val_fraction, cfg.seed)

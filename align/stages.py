@@ -126,9 +126,9 @@ def _dpo(cfg: C.DPOStageConfig, **kw: Any) -> dict[str, Any]:
 def _dpo_inputs(cfg: C.DPOStageConfig, ready: Callable[..., bool]) -> None:
     from align.dpo import read_pairs
 
-    for source in (cfg.data.train, cfg.data.validation):
+    for source, split in ((cfg.data.train, cfg.data.split), (cfg.data.validation, cfg.data.validation_split)):
         if source and ready(source):
-            read_pairs(source, cfg)
+            read_pairs(source, cfg, split)
 
 
 def _eval(cfg: C.EvalConfig, **kw: Any) -> dict[str, Any]:
