@@ -78,7 +78,13 @@ def export_model(run_path: str, out_dir: str, *, merge: bool = True, base_model:
     if not merge and not adapter:
         raise AlignError(f"--adapter-only: the model of '{run.root}' is a full model, not a LoRA adapter; export it "
                          "without --adapter-only")
+    from align.modeling import GROWN_BASE_DIR
+
     portable_base = None
+    if adapter and not merge and (src / GROWN_BASE_DIR).is_dir():
+        raise AlignError(f"--adapter-only: align grew the vocabulary of '{run.root}' by a pad token, so its adapter "
+                         f"needs the grown base beside it ({GROWN_BASE_DIR}/), not the published one; export it "
+                         "merged (--merge)")
     if adapter and not merge:
         recorded = json.loads((src / "adapter_config.json").read_text()).get("base_model_name_or_path")
         portable_base = base_model or (recorded if is_hub_id(recorded) else None)

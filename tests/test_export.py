@@ -227,3 +227,15 @@ def test_push_to_hub_calls_upload_folder_with_the_export(lora_run: dict[str, Any
     assert result.exit_code == 2 and (tmp_path / "out2" / "model.safetensors").is_file()
     assert result.stderr.strip() == (f"error: exported to '{tmp_path / 'out2'}', but pushing it to 'someone/tiny-sft' "
                                      "failed: 401 Client Error: Unauthorized")
+
+
+def test_adapter_only_export_of_a_grown_vocabulary_is_refused(lora_run: dict[str, Any], tmp_path: Path) -> None:
+    """An adapter whose run grew the vocabulary needs the grown base saved beside it (model/base/):
+    the published base lacks the pad token's rows, so only the merged export is portable."""
+    from align.modeling import GROWN_BASE_DIR
+
+    (lora_run["run"] / "model" / GROWN_BASE_DIR).mkdir()
+    result = export(lora_run["run"], tmp_path / "out", "--adapter-only", "--base-model", "someone/tiny-base")
+    assert result.exit_code != 0 and len(result.stderr.strip().splitlines()) == 1
+    assert "grew the vocabulary" in result.stderr and "--merge" in result.stderr
+    assert not (tmp_path / "out").exists()
