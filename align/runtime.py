@@ -37,13 +37,21 @@ def make_accelerator(mixed_precision: str = "auto", report_to: list[str] | tuple
     `accelerate launch`. `auto` picks bf16 on a GPU that supports it. `report_to` names
     accelerate's trackers (`log_with`); TensorBoard writes under `<run_root>/tensorboard`. The
     trackers start with the run's MetricsLogger; a tracker whose package is missing is an error
-    naming `key`, before anything is loaded."""
+    naming `key`, before anything is loaded. Off a live terminal the libraries' own progress bars
+    (datasets' maps in TRL's data preparation, hub downloads) are turned off: in a log they are
+    lines of carriage returns, and the stage prints its own progress lines."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     check_trackers(report_to, key)
+    if not live_terminal():
+        import datasets
+        import huggingface_hub
+
+        datasets.disable_progress_bars()
+        huggingface_hub.utils.disable_progress_bars()
     # Launched as several processes (torchrun, `accelerate launch --multi_gpu`) on a machine with no
     # GPU, accelerate forms a gloo process group only when told the processes are CPU ones;
     # otherwise each process silently trains alone on its share of every batch.
@@ -312,37 +320,44 @@ def live_terminal() -> bool:
 
 class PlainProgress:
     """The progress of a run as whole lines on stderr, for logs: `sft: step 20/200 (10%), 0:00:12
-    elapsed, 1.67 steps/s, ETA 0:01:48, loss=0.4231`. A line at the first step, whenever another
-    tenth of the run is done or `every_sec` has passed since the last line, and at the end. The
-    part of tqdm's interface the loops use (update, set_postfix, write, close)."""
+    elapsed, 1.67 steps/s, ETA 0:01:48, loss=0.4231`. A line is due at the first step, whenever
+    another tenth of the run is done or `every_sec` has passed since the last line; it is printed
+    when the step's values arrive (`set_postfix`) or at the next step, and a last line at the end
+    carries the final values. The part of tqdm's interface the loops use (update, set_postfix,
+    write, close)."""
 
     def __init__(self, total: int, initial: int, desc: str, every_sec: float = 60.0):
         self.total, self.n, self.desc, self.every_sec = total, initial, desc, every_sec
         self.start_n, self.t0 = initial, time.perf_counter()
         self.last_n, self.last_t = initial, self.t0
-        self.postfix = ""
+        self.postfix = self.printed_postfix = ""
+        self.due = False
         self.disable = False
 
     def update(self, n: int = 1) -> None:
+        if self.due:
+            self._line()
         self.n += n
-        now = time.perf_counter()
         tenth = max(1, self.total // 10)
-        if self.last_n == self.start_n or self.n // tenth > self.last_n // tenth or now - self.last_t >= self.every_sec:
-            self._line(now)
+        self.due = (self.last_n == self.start_n or self.n // tenth > self.last_n // tenth
+                    or time.perf_counter() - self.last_t >= self.every_sec)
 
     def set_postfix(self, **values: Any) -> None:
         self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+        if self.due:
+            self._line()
 
     def write(self, text: str) -> None:
         print(text, flush=True)
 
     def close(self) -> None:
         if not self.disable:
-            if self.n != self.last_n:
-                self._line(time.perf_counter())
+            if self.due or self.n != self.last_n or self.postfix != self.printed_postfix:
+                self._line()
             self.disable = True
 
-    def _line(self, now: float) -> None:
+    def _line(self) -> None:
+        now = time.perf_counter()
         elapsed = now - self.t0
         rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
         parts = [f"{self.desc}: step {self.n}/{self.total} ({100 * self.n // max(1, self.total)}%)",
@@ -352,7 +367,7 @@ class PlainProgress:
         if self.postfix:
             parts.append(self.postfix)
         print(", ".join(parts), file=sys.stderr, flush=True)
-        self.last_n, self.last_t = self.n, now
+        self.last_n, self.last_t, self.printed_postfix, self.due = self.n, now, self.postfix, False
 
 
 def _clock(seconds: float) -> str:
