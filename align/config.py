@@ -187,7 +187,7 @@ class OptimizerConfig:
     report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = field(
         default_factory=lambda: ["tensorboard"])
     """Trackers that receive every row of metrics.jsonl (accelerate's, by name; [] for none).
-    tensorboard writes `<output_dir>/tensorboard/`; wandb, trackio and mlflow need
+    tensorboard writes `<output_dir>/tensorboard/align/`; wandb, trackio and mlflow need
     `pip install "align[trackers]"` and follow their own environment (WANDB_MODE, TRACKIO_DIR,
     MLFLOW_TRACKING_URI, ...). metrics.jsonl is always written and is the record of the run."""
 
