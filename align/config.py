@@ -164,9 +164,25 @@ class DataConfig:
         return out
 
 
+SCHEDULER_NAMES = ("warmup_cosine", "linear", "cosine", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                   "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+                   "warmup_stable_decay")
+"""`lr_scheduler_type` values: align's `warmup_cosine`, then every `transformers.get_scheduler` type that
+follows the step count alone (not `reduce_lr_on_plateau` or `greedy`, which step on a metric). A
+test checks the HF names against transformers' `SchedulerType`."""
+
+FLOORED_SCHEDULES = {"warmup_cosine": None, "cosine_with_min_lr": "min_lr_rate",
+                     "cosine_warmup_with_min_lr": "min_lr_rate", "warmup_stable_decay": "min_lr_ratio"}
+"""Schedules that end at a floor, and the `lr_scheduler_kwargs` key that `min_lr_ratio` becomes."""
+
+TRACKER_NAMES = ("tensorboard", "wandb", "trackio", "mlflow")
+"""`report_to` values: accelerate's trackers of those names."""
+
+
 @dataclass
 class OptimizerConfig:
-    """AdamW and its precision, the same keys in every training section (`train`, `ppo`)."""
+    """AdamW, its learning-rate schedule and precision, and where metrics are reported: the same
+    keys in every training section (`train`, `ppo`)."""
 
     lr: float = bounded(2e-5, gt=0)
     """Peak learning rate of AdamW."""
@@ -179,11 +195,56 @@ class OptimizerConfig:
     """Clip the global gradient norm to this before every optimizer step (per model)."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """Compute dtype through accelerate. `auto`: bf16 on a GPU that supports it, else none."""
+    lr_scheduler_type: Literal["warmup_cosine", "linear", "cosine", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                               "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                               "inverse_sqrt", "warmup_stable_decay"] = "warmup_cosine"
+    """The learning-rate schedule, stepped once per optimizer step (RL: once per rollout step).
+    `warmup_cosine` (align's): linear warmup whose first step is already at lr / warmup, then cosine
+    decay to `min_lr_ratio` x lr; every other name is `transformers.get_scheduler`'s, with HF's
+    meaning (its warmups start at lr 0). docs/sft.md has the formulas."""
+    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments of a get_scheduler type (HF's `lr_scheduler_kwargs`: `num_cycles`, `power`,
+    `lr_end`, `num_decay_steps`, ...)."""
+    warmup_steps: int = bounded(0, ge=0)
+    """Optimizer steps of linear warmup at the start of the schedule."""
+    warmup_ratio: float | None = bounded(None, ge=0, lt=1)
+    """Warmup as a fraction of the run's steps (rounded up, as HF Trainer does); instead of
+    `warmup_steps`, which must then stay 0."""
+    min_lr_ratio: float = bounded(0.0, ge=0, le=1)
+    """The learning rate the decay ends at, as a fraction of `lr` (`warmup_cosine`,
+    `cosine_with_min_lr` and `cosine_warmup_with_min_lr`: HF's `min_lr_rate`; `warmup_stable_decay`:
+    its `min_lr_ratio`)."""
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = field(
+        default_factory=lambda: ["tensorboard"])
+    """Trackers that receive every row of metrics.jsonl (accelerate's, by name; [] for none).
+    tensorboard writes `<output_dir>/tensorboard/align/`; wandb, trackio and mlflow need
+    `pip install "align[trackers]"` and follow their own environment (WANDB_MODE, TRACKIO_DIR,
+    MLFLOW_TRACKING_URI, ...). metrics.jsonl is always written and is the record of the run."""
+
+    def warmup_for(self, n_steps: int) -> int:
+        """Warmup steps of a run of `n_steps`: `warmup_steps`, or `warmup_ratio` x n_steps rounded up."""
+        return math.ceil(self.warmup_ratio * n_steps) if self.warmup_ratio is not None else self.warmup_steps
 
     def problems(self) -> list[tuple[str, str]]:
+        out = []
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
-            return [("adam_betas", "must be two numbers in [0, 1)")]
-        return []
+            out.append(("adam_betas", "must be two numbers in [0, 1)"))
+        if self.warmup_ratio is not None and self.warmup_steps:
+            out.append(("warmup_ratio", "and warmup_steps exclude each other; set one"))
+        kind = self.lr_scheduler_type
+        if self.min_lr_ratio and kind not in FLOORED_SCHEDULES:
+            out.append(("min_lr_ratio", f"applies to the schedules that end at a floor ({', '.join(FLOORED_SCHEDULES)}), "
+                                        f"not '{kind}'"))
+        if kind == "warmup_cosine" and self.lr_scheduler_kwargs:
+            out.append(("lr_scheduler_kwargs", "must stay empty for 'warmup_cosine' (its settings are warmup_steps "
+                                               "or warmup_ratio, and min_lr_ratio)"))
+        if self.min_lr_ratio and {"min_lr", "min_lr_rate", "min_lr_ratio"} & set(self.lr_scheduler_kwargs):
+            out.append(("min_lr_ratio", "and the floor in lr_scheduler_kwargs exclude each other; set one"))
+        if kind == "constant" and (self.warmup_steps or self.warmup_ratio):
+            out.append(("lr_scheduler_type", "'constant' has no warmup; use 'constant_with_warmup'"))
+        if len(set(self.report_to)) != len(self.report_to):
+            out.append(("report_to", f"names a tracker twice (got {self.report_to})"))
+        return out
 
 
 @dataclass
@@ -199,13 +260,6 @@ class TrainConfig(OptimizerConfig):
     """Examples per micro-batch per process."""
     grad_accum: int = bounded(1, ge=1)
     """Micro-batches per optimizer step. Global batch = batch_size x grad_accum x processes."""
-    warmup_steps: int = bounded(0, ge=0)
-    """Linear warmup, then cosine decay to `min_lr_ratio` x lr."""
-    warmup_ratio: float | None = bounded(None, ge=0, lt=1)
-    """Warmup as a fraction of the run's steps (rounded up, as HF Trainer does); instead of
-    `warmup_steps`, which must then stay 0."""
-    min_lr_ratio: float = bounded(0.0, ge=0, le=1)
-    """The learning rate the cosine decay ends at, as a fraction of `lr`."""
     eval_every: int = bounded(50, ge=1)
     """Evaluate on the validation set every N optimizer steps, and after the last one."""
     log_every: int = bounded(10, ge=1)
@@ -230,14 +284,8 @@ class TrainConfig(OptimizerConfig):
     OPT or Bloom), which is checked on the loaded model. None: pack when that check passes, else pad;
     true: pack, and stop if the check fails; false: pad."""
 
-    def warmup_for(self, n_steps: int) -> int:
-        """Warmup steps of a run of `n_steps`: `warmup_steps`, or `warmup_ratio` x n_steps rounded up."""
-        return math.ceil(self.warmup_ratio * n_steps) if self.warmup_ratio is not None else self.warmup_steps
-
     def problems(self) -> list[tuple[str, str]]:
         out = super().problems()
-        if self.warmup_ratio is not None and self.warmup_steps:
-            out.append(("warmup_ratio", "and train.warmup_steps exclude each other; set one"))
         if self.max_steps is not None and self.warmup_steps >= self.max_steps:
             out.append(("warmup_steps", f"({self.warmup_steps}) must be shorter than train.max_steps ({self.max_steps})"))
         return out
@@ -411,6 +459,12 @@ class PPOLoopConfig(OptimizerConfig):
     score them, compute advantages with the chosen estimator, then PPO's clipped-ratio updates.
     Names follow the PPO paper and TRL; the methods differ in `estimator` and where the KL goes."""
 
+    lr_scheduler_type: Literal["warmup_cosine", "linear", "cosine", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                               "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                               "inverse_sqrt", "warmup_stable_decay"] = "linear"
+    """The learning-rate schedule of the actor and the critic, stepped once per rollout step (each
+    step's PPO epochs and minibatches share one lr). `linear` (the default): from lr down to 0 over
+    the run, as CleanRL and TRL anneal PPO's; see `train.lr_scheduler_type` for the others."""
     estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "remax"] = "gae"
     """Advantage estimator (align/rl.py): `gae` (PPO, with a critic), `grpo`, `dr_grpo`, `rloo`,
     `reinforce_pp`, `remax` (critic-free)."""
@@ -805,8 +859,9 @@ class DPOStageConfig(Command):
     be SFT's. The template is applied here, before TRL sees the pairs (TRL does not re-template plain
     strings). Pairs longer than `max_length` are dropped (`drop`), cut by TRL from the end
     (`truncate`), or stop the run (`error`)."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-7))
-    """Optimisation, mapped onto TRL's arguments; `batch_size` counts pairs. `max_nonfinite_steps`
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-7, lr_scheduler_type="cosine_with_min_lr"))
+    """Optimisation, mapped onto TRL's arguments; `batch_size` counts pairs. The schedule defaults to
+    HF's `cosine_with_min_lr` (warmup from lr 0), what this stage has always run. `max_nonfinite_steps`
     is not used (TRL has no such guard); `early_stopping_patience` and `max_eval_batches` must stay
     unset; `save_every`/`keep_checkpoints` are TRL's `save_steps`/`save_total_limit`."""
     beta: float = bounded(0.1, gt=0)
@@ -823,6 +878,9 @@ class DPOStageConfig(Command):
         for key in ("early_stopping_patience", "max_eval_batches", "padding_free"):
             if getattr(self.train, key):
                 out.append(f"config key 'train.{key}' is not supported by the TRL stages")
+        if self.train.lr_scheduler_type == "warmup_cosine":
+            out.append("config key 'train.lr_scheduler_type' 'warmup_cosine' is align's own schedule, which TRL's "
+                       "trainer does not run; use one of transformers' (this stage's default: cosine_with_min_lr)")
         return out
 
 

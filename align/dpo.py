@@ -27,7 +27,7 @@ from align.errors import AlignError
 from align.modeling import inspect_model, load_pretrained, load_tokenizer, peft_lora_config
 from align.checkpoint import load_trainer_state, resume_point
 from align.rundir import prepare_run_dir
-from align.runtime import MetricsLogger, set_seed
+from align.runtime import MetricsLogger, check_scheduler, make_accelerator, scheduler_kwargs, set_seed
 from align.trl_stages import AlignCallback, train_and_finish, training_arguments
 
 
@@ -71,12 +71,12 @@ def read_pairs(source: str, cfg: DPOStageConfig, split: str) -> list[D.Record]:
 
 def train_dpo(cfg: DPOStageConfig, resume: bool = False, force: bool = False, dry_run: bool = False) -> dict[str, Any]:
     """Train and return the summary; with `dry_run`, check the inputs and return the plan."""
-    from accelerate import PartialState
-
     t_start = time.time()
-    state = PartialState()
+    # Our accelerator holds the trackers (`train.report_to`) our callback logs through; TRL's trainer
+    # makes its own on the same process state, with the same mixed precision.
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.report_to, cfg.output_dir)
     set_seed(cfg.seed)
-    run = prepare_run_dir(cfg.output_dir, cfg, resume, state.is_main_process, force, dry_run)
+    run = prepare_run_dir(cfg.output_dir, cfg, resume, accelerator.is_main_process, force, dry_run)
 
     # ---- data: pairs with the SFT template applied, over-long ones handled as in SFT and RM
     d, t = cfg.data, cfg.train
@@ -93,11 +93,12 @@ def train_dpo(cfg: DPOStageConfig, resume: bool = False, force: bool = False, dr
         train_records, val_records = D.split_validation(train_records, d.val_fraction, cfg.seed)
     train_rows, dropped = preference_rows(train_records, d.prompt_template, tokenizer, d.max_length, d.truncation)
     val_rows, _ = preference_rows(val_records, d.prompt_template, tokenizer, d.max_length, d.truncation)
-    global_batch = t.batch_size * t.grad_accum * state.num_processes
+    global_batch = t.batch_size * t.grad_accum * accelerator.num_processes
     n_steps = t.max_steps or int(t.epochs * (len(train_rows) // global_batch))
     if n_steps < 1:
         raise AlignError(f"{len(train_rows)} pairs make no batch of {global_batch} (train.batch_size x "
                          f"train.grad_accum x processes); lower train.batch_size")
+    check_scheduler(t, n_steps, "train")
     if dry_run:
         return {"stage": "dpo", "output_dir": cfg.output_dir, "policy": cfg.model.path + (" (LoRA)" if cfg.lora.enabled
                                                                                            else ""),
@@ -119,19 +120,21 @@ def train_dpo(cfg: DPOStageConfig, resume: bool = False, force: bool = False, dr
     # ---- TRL does the rest; our callback writes the metrics and marks the checkpoints
     args = DPOConfig(**training_arguments(
         run, seed=cfg.seed, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum, max_steps=n_steps,
-        warmup_steps=t.warmup_for(n_steps), min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_for(n_steps), lr_scheduler_type=t.lr_scheduler_type,
+        lr_scheduler_kwargs=scheduler_kwargs(t), weight_decay=t.weight_decay,
         adam_betas=t.adam_betas, max_grad_norm=t.max_grad_norm, mixed_precision=t.mixed_precision,
         log_every=t.log_every, save_every=t.save_every, keep_checkpoints=t.keep_checkpoints,
         gradient_checkpointing=cfg.model.gradient_checkpointing, disable_dropout=cfg.model.disable_dropout),
         beta=cfg.beta, loss_type=[cfg.loss_type], max_length=d.max_length, per_device_eval_batch_size=t.batch_size,
         eval_strategy="steps" if val_rows else "no", eval_steps=t.eval_every)
     ckpt = resume_point(run) if resume else None
-    logger = MetricsLogger(run, state.is_main_process, load_trainer_state(ckpt)["step"] if ckpt else None)
-    callback = AlignCallback(run, logger, global_batch, unit="samples")
+    logger = MetricsLogger(run, accelerator.is_main_process, load_trainer_state(ckpt)["step"] if ckpt else None,
+                           accelerator, cfg)
+    callback = AlignCallback(run, logger, global_batch, unit="samples", stage="dpo")
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(train_rows),
                          eval_dataset=Dataset.from_list(val_rows) if val_rows else None, processing_class=tokenizer,
                          peft_config=peft_lora_config(cfg.lora) if cfg.lora.enabled else None, callbacks=[callback])
-    if state.is_main_process:
+    if accelerator.is_main_process:
         print(f"dpo: {len(train_rows)} pairs ({dropped} dropped as longer than {d.max_length} tokens), "
               f"{len(val_rows)} validation pairs; {n_steps} steps of {global_batch} pairs; beta {cfg.beta}; "
               f"reference: {'the policy without its adapter' if reference is None else reference_path}", flush=True)

@@ -12,8 +12,10 @@ has the table.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
+from align.config import SCHEDULER_NAMES, TRACKER_NAMES
 from align.errors import ConfigError
 
 SUPERVISED = {"sft", "rm", "dpo"}
@@ -45,20 +47,50 @@ def _beta(index: int, section: str) -> Value:
 
 def _scheduler(section: str) -> Value:
     def convert(v: Any) -> list[tuple[str, Any]]:
-        if v in ("cosine", "cosine_with_min_lr"):
-            return []  # align's schedule: linear warmup, then cosine decay to train.min_lr_ratio
-        raise ConfigError(f"config key 'lr_scheduler_type': '{v}' is not available; align's schedule is linear "
-                          "warmup then cosine decay (`cosine`, or `cosine_with_min_lr` with train.min_lr_ratio)")
+        if v in ("reduce_lr_on_plateau", "greedy"):
+            raise ConfigError(f"config key 'lr_scheduler_type': '{v}' steps on a metric, and align steps the schedule "
+                              "once per optimizer step with none; use one of " + ", ".join(SCHEDULER_NAMES))
+        if v not in SCHEDULER_NAMES:
+            raise ConfigError(f"config key 'lr_scheduler_type' must be one of {', '.join(SCHEDULER_NAMES)} (got {v!r})")
+        return [(f"{section}.lr_scheduler_type", v)]
     return convert
 
 
-def _report_to(v: Any) -> list[tuple[str, Any]]:
-    names = [v] if isinstance(v, str) else list(v or [])
-    unknown = [n for n in names if n not in ("none", "tensorboard", "all")]
-    if unknown:
-        raise ConfigError(f"config key 'report_to': {', '.join(map(str, unknown))} is not available yet; align logs "
-                          "metrics.jsonl and TensorBoard (report_to: tensorboard)")
-    return []
+def _scheduler_kwargs(section: str) -> Value:
+    def convert(v: Any) -> list[tuple[str, Any]]:
+        if isinstance(v, str):  # HF accepts the dict as a JSON string too (from its command line)
+            try:
+                v = json.loads(v) if v.strip() else {}
+            except json.JSONDecodeError:
+                v = None
+        if not isinstance(v, dict):
+            raise ConfigError("config key 'lr_scheduler_kwargs' must be a mapping (or its JSON string)")
+        return [(f"{section}.lr_scheduler_kwargs", v)]
+    return convert
+
+
+def _warmup_steps(section: str) -> Value:
+    """transformers 5 reads a `warmup_steps` below 1 as a fraction of the run (its `warmup_ratio`)."""
+    return lambda v: [(f"{section}.warmup_ratio", v)] if isinstance(v, float) and 0 < v < 1 else \
+        [(f"{section}.warmup_steps", int(v) if isinstance(v, float) and v.is_integer() else v)]
+
+
+def _report_to(section: str) -> Value:
+    """HF's `report_to`: `none`, `all` (every installed tracker of the four), a name or a list."""
+    def convert(v: Any) -> list[tuple[str, Any]]:
+        names = [v] if isinstance(v, str) else list(v or [])
+        if "none" in names or not names:
+            return [(f"{section}.report_to", [])]
+        if "all" in names:
+            import importlib.util
+
+            return [(f"{section}.report_to", [n for n in TRACKER_NAMES if importlib.util.find_spec(n)])]
+        unknown = [n for n in names if n not in TRACKER_NAMES]
+        if unknown:
+            raise ConfigError(f"config key 'report_to': {', '.join(map(str, unknown))} is not available; align reports "
+                              f"to {', '.join(TRACKER_NAMES)} (or none); metrics.jsonl is always written")
+        return [(f"{section}.report_to", names)]
+    return convert
 
 
 def _finetuning_type(v: Any) -> list[tuple[str, Any]]:
@@ -122,8 +154,10 @@ def table(stage: str) -> dict[str, Value]:
         "learning_rate": _opt("lr")(s), "weight_decay": _opt("weight_decay")(s),
         "max_grad_norm": _opt("max_grad_norm")(s), "adam_beta1": _beta(0, s), "adam_beta2": _beta(1, s),
         "bf16": _precision("bf16", s), "fp16": _precision("fp16", s), "lr_scheduler_type": _scheduler(s),
+        "lr_scheduler_kwargs": _scheduler_kwargs(s), "warmup_steps": _warmup_steps(s),
+        "warmup_ratio": _opt("warmup_ratio")(s),
         "logging_steps": _opt("log_every")(s), "save_steps": _opt("save_every")(s),
-        "save_total_limit": _opt("keep_checkpoints")(s), "report_to": _report_to,
+        "save_total_limit": _opt("keep_checkpoints")(s), "report_to": _report_to(s),
         "dataset_name": _to("data.train"), "dataset": _to("data.train"), "dataset_train_split": _to("data.split"),
         "dataset_config": _to("data.dataset_config"), "dataset_config_name": _to("data.dataset_config"),
         "max_samples": _to("data.max_samples"),
@@ -135,7 +169,6 @@ def table(stage: str) -> dict[str, Value]:
         out.update({
             "per_device_train_batch_size": _to("train.batch_size"), "gradient_accumulation_steps": _to("train.grad_accum"),
             "num_train_epochs": _to("train.epochs"), "max_steps": _max_steps("train"),
-            "warmup_steps": _to("train.warmup_steps"), "warmup_ratio": _to("train.warmup_ratio"),
             "eval_steps": _to("train.eval_every"), "max_length": _to("data.max_length"),
             "cutoff_len": _to("data.max_length"), "dataset_test_split": _to("data.validation_split"),
         })

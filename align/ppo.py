@@ -43,8 +43,8 @@ from align.reward import call_reward_function, load_reward_function
 from align.rl import (AdaptiveKLController, AdvantageInput, FixedKLController, agg_loss, clipped_policy_loss,
                       get_estimator, kl_estimate, value_loss, zero_variance_groups)
 from align.rundir import finish_model, prepare_run_dir, write_summary
-from align.runtime import (MetricsLogger, NonFiniteGuard, StopRequest, Stopped, linear_decay, make_accelerator,
-                           make_optimizer, peak_memory_mb, progress, set_seed)
+from align.runtime import (MetricsLogger, NonFiniteGuard, StopRequest, Stopped, check_scheduler, make_accelerator,
+                           make_optimizer, make_scheduler, peak_memory_mb, progress, set_seed)
 
 
 @dataclass
@@ -191,9 +191,9 @@ def prepare_trainees(cfg: RLConfig, bundle: ModelBundle, accelerator: Any, n_ste
         ValueHead(bundle.actor.config.hidden_size).to(accelerator.device) if cfg.critic.share_actor else None)
     if critic_model is None:
         actor, actor_opt = accelerator.prepare(bundle.actor, actor_opt)
-        return Trainees(actor, actor_opt, linear_decay(actor_opt, n_steps))
+        return Trainees(actor, actor_opt, make_scheduler(actor_opt, p, n_steps))
     critic_opt = make_optimizer(critic_model.parameters(), cfg.critic.lr, p.weight_decay, p.adam_betas)
-    actor_sched, critic_sched = linear_decay(actor_opt, n_steps), linear_decay(critic_opt, n_steps)
+    actor_sched, critic_sched = make_scheduler(actor_opt, p, n_steps), make_scheduler(critic_opt, p, n_steps)
     actor, critic, actor_opt, critic_opt = accelerator.prepare(bundle.actor, critic_model, actor_opt, critic_opt)
     if cfg.critic.share_actor:
         return Trainees(actor, actor_opt, actor_sched, head=critic, critic_opt=critic_opt, critic_sched=critic_sched)
@@ -358,7 +358,7 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
     t_start = time.time()
     p, est = cfg.ppo, get_estimator(cfg.ppo.estimator)
     stage, n = p.estimator if p.estimator != "gae" else "ppo", p.n_samples_per_prompt
-    accelerator = make_accelerator(p.mixed_precision)
+    accelerator = make_accelerator(p.mixed_precision, p.report_to, cfg.output_dir, key="ppo.report_to")
     is_main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
     set_seed(cfg.seed)
     run = prepare_run_dir(cfg.output_dir, cfg, resume, is_main, force, dry_run)
@@ -384,6 +384,7 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
         raise AlignError(f"{len(prompts)} prompts and ppo.total_episodes {p.total_episodes} make no rollout batch of "
                          f"{prompts_per_step} prompts x {n} responses (ppo.rollout_batch_size x {world} "
                          "process(es)); lower ppo.rollout_batch_size")
+    check_scheduler(p, n_steps, "ppo", (p.lr, cfg.critic.lr) if est.needs_critic or cfg.critic.share_actor else ())
     if dry_run:
         return rl_plan(cfg, stage, found, f"{report.kept} prompts ({report.dropped} dropped as longer than "
                        f"{d.max_length} tokens); {len(eval_prompts)} eval prompts", n_steps, global_batch)
@@ -419,7 +420,7 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
         if ckpt is not None:
             print(f"{stage}: resumed from {ckpt} at step {state['step']} (kl_coef {kl_ctl.value:.4g})", flush=True)
 
-    logger = MetricsLogger(run, is_main, state["step"] if ckpt is not None else None)
+    logger = MetricsLogger(run, is_main, state["step"] if ckpt is not None else None, accelerator, cfg)
     samples_file = open(run.root / "samples.jsonl", "a", encoding="utf-8") if is_main else None
     sampler = Sampler(cfg, bundle, actor, tokenizer, prompts, state, accelerator.process_index, world)
 

@@ -124,4 +124,4 @@ def train_rm(cfg: RMConfig, resume: bool = False, force: bool = False, dry_run: 
         count=lambda b: torch.tensor(b["input_ids"].shape[0] // 2),
     )
     return fit(stage, t=cfg.train, seed=cfg.seed, run=run, accelerator=accelerator, model=model, tokenizer=tokenizer,
-               train_items=train, val_items=val, resume_from=ckpt, report=report)
+               train_items=train, val_items=val, resume_from=ckpt, report=report, config=cfg)

@@ -102,4 +102,4 @@ def train_sft(cfg: SFTConfig, resume: bool = False, force: bool = False, dry_run
         tokens=lambda b: int(b["token_mask" if packed else "attention_mask"].sum()),
     )
     return fit(stage, t=cfg.train, seed=cfg.seed, run=run, accelerator=accelerator, model=model, tokenizer=tokenizer,
-               train_items=train, val_items=val, resume_from=ckpt, report=report)
+               train_items=train, val_items=val, resume_from=ckpt, report=report, config=cfg)

@@ -31,8 +31,8 @@ from align.errors import AlignError
 from align.checkpoint import Checkpointer
 from align.modeling import count_parameters, parameter_counts, save_model
 from align.rundir import RunDir, finish_model, write_summary
-from align.runtime import (MetricsLogger, NonFiniteGuard, StopRequest, Stopped, Throughput, make_optimizer,
-                           make_scheduler, peak_memory_mb, progress)
+from align.runtime import (MetricsLogger, NonFiniteGuard, StopRequest, Stopped, Throughput, check_scheduler,
+                           make_optimizer, make_scheduler, peak_memory_mb, progress)
 
 Terms = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -61,7 +61,7 @@ def open_stage(cfg: Any, resume: bool, force: bool, dry_run: bool) -> tuple[Any,
     from align.rundir import prepare_run_dir
     from align.runtime import make_accelerator, set_seed
 
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.report_to, cfg.output_dir)
     set_seed(cfg.seed)
     run = prepare_run_dir(cfg.output_dir, cfg, resume, accelerator.is_main_process, force, dry_run)
     model_config = inspect_model(cfg.model.path, "model.path", cfg.model.trust_remote_code)
@@ -89,6 +89,7 @@ def check_schedule(t: TrainConfig, n_train: int, world: int) -> tuple[int, int]:
             else f"train.warmup_steps' ({t.warmup_steps})"
         raise AlignError(f"config key '{given} must be shorter than the run ({n_steps} steps of {global_batch} "
                          "examples)")
+    check_scheduler(t, n_steps, "train")
     return n_steps, global_batch
 
 
@@ -136,9 +137,11 @@ def evaluate(stage: Stage, model: Any, items: list[Any], batch_size: int, accele
 
 
 def fit(stage: Stage, *, t: TrainConfig, seed: int, run: RunDir, accelerator: Any, model: Any, tokenizer: Any,
-        train_items: list[Any], val_items: list[Any], resume_from: Path | None, report: str) -> dict[str, Any]:
+        train_items: list[Any], val_items: list[Any], resume_from: Path | None, report: str,
+        config: Any = None) -> dict[str, Any]:
     """Train `model` (already built, LoRA applied, weights restored when resuming) and write the
-    final model and summary into `run`. Returns the summary."""
+    final model and summary into `run`. Returns the summary. `config`: the command's config, sent
+    to the trackers as the run's hyper-parameters."""
     t_start = time.time()
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     n_steps, global_batch = check_schedule(t, len(train_items), world)
@@ -163,7 +166,7 @@ def fit(stage: Stage, *, t: TrainConfig, seed: int, run: RunDir, accelerator: An
         if resume_from is not None:
             print(f"{stage.name}: resumed from {resume_from} at step {state['step']}", flush=True)
 
-    logger = MetricsLogger(run, is_main, state["step"] if resume_from is not None else None)
+    logger = MetricsLogger(run, is_main, state["step"] if resume_from is not None else None, accelerator, config)
 
     # The epoch order is recomputed from the seed; a resumed run skips what it already consumed.
     batches = D.global_batches(len(train_items), global_batch, seed, start_epoch=state["epoch"])

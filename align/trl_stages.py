@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 
 from align.checkpoint import load_trainer_state
 from align.modeling import save_model
 from align.rundir import RunDir, atomic_write_text, finish_model, write_summary
-from align.runtime import MetricsLogger, peak_memory_mb
+from align.runtime import MetricsLogger, peak_memory_mb, progress
 
 # TRL key -> our key. Keys not listed keep TRL's name (they are TRL-namespaced already).
 TRANSLATION: dict[str, str] = {
@@ -63,8 +63,13 @@ class AlignCallback(TrainerCallback):
     `samples_per_step`: examples (DPO: pairs; RL: episodes) per optimizer step, all processes, for
     `<unit>_per_sec`."""
 
-    def __init__(self, run: RunDir, logger: MetricsLogger, samples_per_step: int, unit: str, t_offset: float = 0.0):
-        self.run, self.logger, self.samples_per_step, self.unit = run, logger, samples_per_step, unit
+    def __init__(self, run: RunDir, logger: MetricsLogger, samples_per_step: int, unit: str, stage: str,
+                 t_offset: float = 0.0):
+        self.run, self.logger, self.samples_per_step, self.unit, self.stage = run, logger, samples_per_step, unit, stage
+        self.bar: Any = None
+        """Our progress bar (align.runtime.progress), in place of TRL's, so the stage's output reads
+        as every other stage's."""
+        self.postfix: dict[str, str] = {}
         self.last = (time.perf_counter(), 0, 0.0)  # (time, step, tokens) at the last log
         self.t_start = time.perf_counter() - t_offset
         self.tokens_seen = 0.0
@@ -73,6 +78,13 @@ class AlignCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.last = (time.perf_counter(), state.global_step, self.tokens_seen)
+        self.bar = progress(state.max_steps, state.global_step, self.stage, state.is_world_process_zero)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.bar.close()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
         metrics = translate(logs or {})
@@ -91,6 +103,11 @@ class AlignCallback(TrainerCallback):
                 metrics["episode"] = state.global_step * self.samples_per_step
             metrics["peak_memory_mb"] = peak_memory_mb()
             self.last = (now, state.global_step, self.tokens_seen)
+            self.postfix["loss"] = f"{metrics['train/loss']:.4f}"
+        if "val/loss" in metrics:
+            self.postfix["val"] = f"{metrics['val/loss']:.4f}"
+        if self.bar is not None:
+            self.bar.set_postfix(**self.postfix)
         self.logger.log(state.global_step, metrics)
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -107,25 +124,28 @@ class AlignCallback(TrainerCallback):
 
 
 def training_arguments(run: RunDir, *, seed: int, lr: float, batch_size: int, grad_accum: int, max_steps: int,
-                       warmup_steps: int = 0, min_lr_ratio: float = 0.0, weight_decay: float = 0.0,
+                       warmup_steps: int = 0, lr_scheduler_type: str = "cosine_with_min_lr",
+                       lr_scheduler_kwargs: dict[str, Any] | None = None, weight_decay: float = 0.0,
                        adam_betas: list[float] | tuple[float, float] = (0.9, 0.999), max_grad_norm: float = 1.0,
                        mixed_precision: str = "auto", log_every: int = 1, save_every: int = 500,
                        keep_checkpoints: int = 2, gradient_checkpointing: bool = False,
                        disable_dropout: bool = True) -> dict[str, Any]:
-    """Keyword arguments of a TRL config (DPOConfig), from ours.
-    The schedule is ours: linear warmup, then cosine decay to `min_lr_ratio` x lr."""
+    """Keyword arguments of a TRL config (DPOConfig), from ours. The schedule is a
+    `transformers.get_scheduler` type, built by TRL's trainer from these arguments exactly as
+    `align.runtime.make_scheduler` builds it for the other stages (`lr_scheduler_kwargs`: from
+    `align.runtime.scheduler_kwargs`). Progress is drawn by AlignCallback, not TRL's bar."""
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     return {
         "output_dir": str(run.checkpoints), "seed": seed, "data_seed": seed, "learning_rate": lr,
         "per_device_train_batch_size": batch_size, "gradient_accumulation_steps": grad_accum, "max_steps": max_steps,
-        "warmup_steps": warmup_steps, "lr_scheduler_type": "cosine_with_min_lr",
-        "lr_scheduler_kwargs": {"min_lr_rate": min_lr_ratio}, "weight_decay": weight_decay,
+        "warmup_steps": warmup_steps, "lr_scheduler_type": lr_scheduler_type,
+        "lr_scheduler_kwargs": dict(lr_scheduler_kwargs or {}), "weight_decay": weight_decay,
         "adam_beta1": adam_betas[0], "adam_beta2": adam_betas[1], "max_grad_norm": max_grad_norm,
         "bf16": mixed_precision == "bf16", "fp16": mixed_precision == "fp16",
         "logging_steps": log_every, "save_strategy": "steps", "save_steps": save_every,
         "save_total_limit": keep_checkpoints, "gradient_checkpointing": gradient_checkpointing,
-        "disable_dropout": disable_dropout, "report_to": "none", "disable_tqdm": False,
+        "disable_dropout": disable_dropout, "report_to": "none", "disable_tqdm": True,
         "dataloader_num_workers": 0, "dataloader_pin_memory": torch.cuda.is_available(),
     }
 
@@ -140,6 +160,7 @@ def train_and_finish(trainer: Any, run: RunDir, logger: MetricsLogger, callback:
     prior = load_trainer_state(resume_from) if resume_from is not None else {}
     callback.t_start = t0 - prior.get("train_time", 0.0)
     callback.tokens_seen = prior.get("tokens_seen", 0.0)
+    trainer.remove_callback(PrinterCallback)  # with TRL's bar off (disable_tqdm) it prints each log dict; ours shows them
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     train_time = time.perf_counter() - callback.t_start
     if trainer.eval_dataset is not None and callback.last_eval[0] != trainer.state.global_step:

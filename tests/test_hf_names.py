@@ -45,6 +45,7 @@ def test_trl_sft_config(tmp_path: Path, tiny_model_dir: Path, data: Path) -> Non
     assert (t.lr, t.epochs, t.max_steps, t.batch_size, t.grad_accum) == (2e-4, 1.0, 4, 8, 2)
     assert (t.log_every, t.eval_every, t.save_every, t.keep_checkpoints, t.warmup_ratio) == (1, 2, 100, 1, 0.25)
     assert t.warmup_for(4) == 1 and t.mixed_precision == "auto" and cfg.seed == 3
+    assert t.lr_scheduler_type == "cosine" and t.report_to == []  # HF's cosine; report_to: none
     assert cfg.lora.enabled is True  # use_peft
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target) == (8, 16, "all") and cfg.data.max_length == 24
     assert used["packing"].startswith("ignored") and used["learning_rate"] == "train.lr = 0.0002"
@@ -86,8 +87,14 @@ def test_trl_grpo_config(tmp_path: Path, tiny_model_dir: Path, data: Path) -> No
 
 
 @pytest.mark.parametrize("extra, message", [
-    ("lr_scheduler_type: linear\n", "config key 'lr_scheduler_type': 'linear' is not available"),
-    ("report_to: wandb\n", "config key 'report_to': wandb is not available yet"),
+    ("lr_scheduler_type: reduce_lr_on_plateau\n", "config key 'lr_scheduler_type': 'reduce_lr_on_plateau' steps on "
+                                                  "a metric"),
+    ("lr_scheduler_type: cosine_annealing\n", "config key 'lr_scheduler_type' must be one of warmup_cosine, linear, "
+                                              "cosine, cosine_with_min_lr"),
+    ("report_to: comet_ml\n", "config key 'report_to': comet_ml is not available; align reports to tensorboard, "
+                              "wandb, trackio, mlflow"),
+    ("lr_scheduler_type: warmup_stable_decay\n", "config key 'train.lr_scheduler_kwargs' ({}) does not fit "
+                                                 "train.lr_scheduler_type 'warmup_stable_decay'"),
     ("stage: dpo\n", "config key 'stage' is 'dpo', but this is `align sft`"),
     ("learning_rat: 0.1\n", "unknown config key 'learning_rat'; did you mean 'learning_rate'"),
     ("learning_rate: 0.1\ntrain: {lr: 0.2}\n", "config key 'learning_rate' maps to 'train.lr', which the file "
@@ -100,5 +107,43 @@ def test_keys_with_no_counterpart_are_one_line_errors(extra: str, message: str, 
                     f"output_dir: {tmp_path / 'o'}\n{extra}")
     result = CliRunner().invoke(main, ["sft", str(path), "--dry-run"])
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.stderr
-    with pytest.raises(ConfigError):
-        load(SFTConfig, "sft", path)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    if "lr_scheduler_kwargs" not in message:  # the rest are found when the file is read
+        with pytest.raises(ConfigError):
+            load(SFTConfig, "sft", path)
+
+
+@pytest.mark.parametrize("flat, expected", [
+    ({"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1}},
+     {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1}}),
+    ({"lr_scheduler_type": "polynomial", "lr_scheduler_kwargs": '{"power": 2.0}'},
+     {"lr_scheduler_type": "polynomial", "lr_scheduler_kwargs": {"power": 2.0}}),
+    ({"warmup_steps": 0.1}, {"warmup_ratio": 0.1}),  # transformers 5: below 1 is a fraction of the run
+    ({"warmup_steps": 5}, {"warmup_steps": 5}),
+    ({"report_to": "wandb"}, {"report_to": ["wandb"]}),
+    ({"report_to": ["tensorboard", "mlflow"]}, {"report_to": ["tensorboard", "mlflow"]}),
+    ({"report_to": "none"}, {"report_to": []}),
+])
+@pytest.mark.parametrize("stage, cls, section", [("sft", SFTConfig, "train"), ("dpo", DPOStageConfig, "train"),
+                                                 ("grpo", GRPOStageConfig, "ppo")])
+def test_schedule_and_tracker_names_keep_hf_meaning(flat: dict, expected: dict, stage: str, cls: type,
+                                                    section: str, tmp_path: Path) -> None:
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model_name_or_path": "m", "dataset_name": "d.jsonl", "output_dir": "o", **flat}))
+    d, _ = config_dict(cls, path, stage=stage)
+    if stage == "grpo":
+        d["reward"] = {"function": "toy_rewards:fraction_of_sevens"}
+    got = getattr(build_config(cls, d), section)
+    assert {k: getattr(got, k) for k in expected} == expected
+
+
+def test_report_to_all_means_every_installed_tracker(tmp_path: Path) -> None:
+    import importlib.util
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name_or_path: m\ndataset_name: d.jsonl\noutput_dir: o\nreport_to: all\n")
+    d, _ = config_dict(SFTConfig, path, stage="sft")
+    assert d["train"]["report_to"] == [n for n in ("tensorboard", "wandb", "trackio", "mlflow")
+                                       if importlib.util.find_spec(n)]

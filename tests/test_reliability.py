@@ -232,7 +232,7 @@ def test_tensorboard_events_after_the_resumed_checkpoint_are_purged(interrupted:
 
     run, config, _ = interrupted
     assert invoke("sft", str(config), "--resume").exit_code == 0
-    acc = EventAccumulator(str(run / "tensorboard"))
+    acc = EventAccumulator(str(run / "tensorboard" / "align"))
     acc.Reload()
     steps = [e.step for e in acc.Scalars("train/loss")]
     assert steps == [1, 2, 3, 4, 5, 6]
