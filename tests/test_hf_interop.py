@@ -189,9 +189,10 @@ def test_an_unused_token_becomes_the_pad_token(tmp_path: Path, specials: list[st
     assert AutoTokenizer.from_pretrained(tmp_path / "saved").pad_token == expected
 
 
-def trained_adapter(base: Path, out_dir: Path) -> tuple[Any, Any]:
+def trained_adapter(base: Path, out_dir: Path, standalone: bool = True) -> tuple[Any, Any]:
     """`apply_lora` on the base as align loads it, with nonzero LoRA B matrices (an adapter that
-    changes the model), saved with `save_model` to out_dir."""
+    changes the model), saved with `save_model` to out_dir (`standalone`: as a final model, else
+    as a checkpoint)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(str(base))
@@ -201,7 +202,7 @@ def trained_adapter(base: Path, out_dir: Path) -> tuple[Any, Any]:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.1)
-    save_model(model, tokenizer, out_dir)
+    save_model(model, tokenizer, out_dir, standalone=standalone)
     return tokenizer, model
 
 
@@ -219,42 +220,39 @@ def test_reused_pad_token_keeps_the_adapter_small_and_loadable_by_transformers(t
     assert torch.allclose(logits(plain, ids), want, atol=1e-5)
 
 
-def test_grown_vocabulary_adapter_loads_with_peft_and_align(tmp_path: Path) -> None:
-    """No reusable token: align adds one, and the adapter carries the resized embedding and head and
-    the tokenizer, which is what peft's loaders need. Plain `AutoModelForCausalLM.from_pretrained`
-    on the adapter cannot grow the base's embeddings (transformers 5 never resizes there), so it
-    is loaded the documented way: base, resize to the tokenizer, `load_adapter`."""
+def test_grown_vocabulary_adapter_loads_with_every_loader(tmp_path: Path) -> None:
+    """No reusable token: align adds one and grows the embeddings. transformers never grows a base
+    it loads for an adapter, so a final model/ holds the grown base in model/base/, which the
+    adapter names: plain `AutoModelForCausalLM.from_pretrained(adapter)`, `AutoPeftModelForCausalLM`,
+    peft on the grown base and align all load it, and the adapter itself stays LoRA-only."""
     from peft import AutoPeftModelForCausalLM, PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from align.modeling import GROWN_BASE_DIR
 
     base = tiny_base(tmp_path / "base", ["<s>", "</s>"])
     adapter = tmp_path / "adapter"
     tokenizer, model = trained_adapter(base, adapter)
     vocab = len(AutoTokenizer.from_pretrained(base))
     assert tokenizer.pad_token == "<|pad|>" and len(tokenizer) == vocab + 1
-    stored = load_file(adapter / "adapter_model.safetensors")
-    assert stored["base_model.model.model.embed_tokens.weight"].shape[0] == vocab + 1
-    assert stored["base_model.model.lm_head.weight"].shape[0] == vocab + 1
+    assert all("lora_" in k for k in load_file(adapter / "adapter_model.safetensors"))
+    grown = adapter / GROWN_BASE_DIR
+    assert AutoConfig.from_pretrained(grown).vocab_size == vocab + 1
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(grown.resolve())
     assert len(AutoTokenizer.from_pretrained(adapter)) == vocab + 1
 
     ids = torch.tensor([[tokenizer.bos_token_id, 70, 71, 72, tokenizer.pad_token_id]])
     want = logits(model, ids)
     assert want.shape[-1] == vocab + 1
 
+    assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(adapter), ids), want, atol=1e-5)
     with cwd(adapter):
         auto_peft = AutoPeftModelForCausalLM.from_pretrained(adapter)
     assert torch.allclose(logits(auto_peft, ids), want, atol=1e-5)
-
-    grown = AutoModelForCausalLM.from_pretrained(base)
-    grown.resize_token_embeddings(len(AutoTokenizer.from_pretrained(adapter)))
-    assert torch.allclose(logits(PeftModel.from_pretrained(grown, adapter), ids), want, atol=1e-5)
-
-    manual = AutoModelForCausalLM.from_pretrained(base)
-    manual.resize_token_embeddings(len(AutoTokenizer.from_pretrained(adapter)))
-    manual.load_adapter(adapter)
-    assert torch.allclose(logits(manual, ids), want, atol=1e-5)
-
+    on_grown = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(grown), adapter)
+    assert torch.allclose(logits(on_grown, ids), want, atol=1e-5)
     _, by_align = load(adapter)
     assert torch.allclose(logits(by_align, ids), want, atol=1e-5)
 
@@ -269,12 +267,12 @@ def test_adapter_loads_after_its_directory_tree_moves(tmp_path: Path) -> None:
 
     root = tmp_path / "project"
     base = tiny_base(root / "models" / "base", ["<s>", "</s>"])  # a grown vocabulary: the hardest case
-    adapter = root / "runs" / "sft" / "model"
-    tokenizer, model = trained_adapter(base, adapter)
+    adapter = root / "runs" / "sft" / "checkpoints" / "step-1" / "actor"  # a checkpoint: the base stays outside
+    tokenizer, model = trained_adapter(base, adapter, standalone=False)
     recorded = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert recorded == str(base.resolve())  # what plain peft and transformers read: loads from any directory
     assert json.loads((adapter / "align_base.json").read_text()) == {
-        "relative": os.path.join("..", "..", "..", "models", "base")}
+        "relative": os.path.join("..", "..", "..", "..", "..", "models", "base")}
     ids = torch.tensor([[tokenizer.bos_token_id, 70, 71, 72, tokenizer.pad_token_id]])
     want = logits(model, ids)
     assert torch.allclose(logits(AutoPeftModelForCausalLM.from_pretrained(adapter), ids), want, atol=1e-5)
@@ -282,7 +280,7 @@ def test_adapter_loads_after_its_directory_tree_moves(tmp_path: Path) -> None:
     moved = tmp_path / "elsewhere" / "copy"
     shutil.move(root, moved)
     assert not root.exists()
-    adapter = moved / "runs" / "sft" / "model"
+    adapter = moved / "runs" / "sft" / "checkpoints" / "step-1" / "actor"
 
     # align resolves the base against the adapter directory, from any working directory
     assert inspect_model(str(adapter), "model.path").vocab_size == len(tokenizer) - 1
@@ -295,10 +293,10 @@ def test_adapter_loads_after_its_directory_tree_moves(tmp_path: Path) -> None:
     # Resuming from a checkpoint at another depth and saving again records the base afresh.
     resumed = load_trainable(AutoModelForCausalLM, ModelConfig(path=str(moved / "models" / "base")), LORA,
                              load_tokenizer(str(adapter)), torch.device("cpu"), resume_from=adapter)
-    again = moved / "runs" / "ppo" / "checkpoints" / "step-1" / "actor"
-    save_model(resumed, load_tokenizer(str(adapter)), again)
+    again = moved / "runs" / "ppo" / "checkpoints" / "step-1" / "actor" / "deeper"
+    save_model(resumed, load_tokenizer(str(adapter)), again, standalone=False)
     assert json.loads((again / "align_base.json").read_text())["relative"] == \
-        os.path.join("..", "..", "..", "..", "..", "models", "base")
+        os.path.join("..", "..", "..", "..", "..", "..", "models", "base")
     assert json.loads((again / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         str((moved / "models" / "base").resolve())
     _, reloaded = load(again)
