@@ -506,14 +506,18 @@ def peft_lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> Any:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # ZeRO-3 leaves each process an empty placeholder per parameter; `ds_numel` is the real size.
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     return trainable, total
 
 
-def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, merge_lora: bool = False) -> None:
+def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, merge_lora: bool = False,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write a model that `Auto*.from_pretrained(out_dir)` loads: full weights, a peft adapter
     (loaded through transformers' peft integration), or the adapter merged into the base.
+    `state_dict`: the full weights of a sharded model, gathered by every process
+    (align/sharding.py), written instead of this process's shards.
 
     An adapter records its base relative to `out_dir` (`record_base_path`). When align grew the
     vocabulary (`load_tokenizer` had to add a pad token), the base checkpoint lacks the resized
@@ -526,7 +530,8 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, merge_lora
     inner = model.model if isinstance(model, ScoreModel) else model
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else None
     if base is None:
-        model.save_pretrained(out_dir, safe_serialization=True)
+        model.save_pretrained(out_dir, safe_serialization=True,
+                              **({"state_dict": state_dict} if state_dict is not None else {}))
     else:
         model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=vocabulary_grown(base))
         record_base_path(out_dir, base.name_or_path)
@@ -713,7 +718,14 @@ class ScoreModel(nn.Module):
     def config(self) -> Any:
         return self.model.config
 
+    @property
+    def _no_split_modules(self) -> Any:
+        """The wrapped model's transformer blocks: FSDP's auto-wrap policy shards each as a unit."""
+        return getattr(self.model, "_no_split_modules", None)
+
     def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("state_dict") is not None:  # gathered from this wrapper: keys start with `model.`
+            kwargs["state_dict"] = {k.removeprefix("model."): v for k, v in kwargs["state_dict"].items()}
         self.model.save_pretrained(*args, **kwargs)
 
     def merge_and_unload(self) -> Any:

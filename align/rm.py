@@ -110,12 +110,12 @@ def train_rm(cfg: RMConfig, resume: bool = False, force: bool = False, dry_run: 
     ckpt = resume_point(run) if resume else None
     model = load_score_model(cfg.model, cfg.lora, tokenizer, accelerator.device, ckpt)
 
-    def write_normalization(unwrapped: Any, out: Path) -> None:
+    def normalization_file(unwrapped: Any) -> dict[str, str]:
         bias = normalization_bias(unwrapped, cfg, tokenizer, accelerator.device) if cfg.normalize_with else 0.0
-        (out / NORMALIZATION_FILE).write_text(json.dumps({"bias": bias, "normalized_with": cfg.normalize_with}))
+        return {NORMALIZATION_FILE: json.dumps({"bias": bias, "normalized_with": cfg.normalize_with})}
 
     stage = Stage(
-        name="rm", terms=make_terms(cfg.margin), merge_lora=True, extra_files=write_normalization,
+        name="rm", terms=make_terms(cfg.margin), merge_lora=True, extra_files=normalization_file,
         collate=lambda pairs: D.pad_pairs(pairs, tokenizer.pad_token_id),
         count=lambda b: torch.tensor(b["input_ids"].shape[0] // 2),
     )

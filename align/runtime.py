@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from align import sharding
 from align.config import TrainConfig
 from align.errors import AlignError
 from align.rundir import RunDir, atomic_write_text, read_metrics
@@ -42,6 +43,9 @@ def make_accelerator(mixed_precision: str = "auto") -> Any:
     # otherwise each process silently trains alone on its share of every batch.
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
     cpu = multi_process and not _has_accelerator_device()
+    sharding.check_launch()
+    if cpu and sharding.requested() is not None:  # FSDP or DeepSpeed over gloo (align/sharding.py)
+        return sharding.cpu_accelerator(mixed_precision)
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
