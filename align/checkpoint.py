@@ -71,11 +71,16 @@ class Checkpointer:
     def save(self, step: int, state: dict[str, Any]) -> None:
         """Write `step-N`: the main process writes it, after every process took part in gathering
         sharded states (and, under DeepSpeed, wrote its optimizer partitions into it)."""
+        from accelerate.utils import gather_object
+
         from align import sharding
         from align.modeling import save_model
         from align.runtime import rng_state
 
         acc = self.accelerator
+        # Each process's own RNG states: the processes sample different prompts, so their streams
+        # part ways, and a resumed process must continue its own.
+        rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
         full = sharding.full_state_dicts(acc, self.prepared)
         whole = sharding.optimizer_states(acc, self.optimizers)
         apart = sharding.sharded_names(acc, self.optimizers)
@@ -83,7 +88,7 @@ class Checkpointer:
         if acc.is_main_process:
             trainer_state = {name: obj.state_dict() for name, obj in self.stateful.items() if name not in apart}
             trainer_state.update(whole)
-            trainer_state.update(rng=rng_state(), state=state)
+            trainer_state.update(rng=rngs[0], rng_per_process=rngs, state=state)
 
             def write_models(path: Path) -> None:
                 for role, (model, tokenizer) in self.models.items():
@@ -112,7 +117,8 @@ class Checkpointer:
             if name not in apart:
                 obj.load_state_dict(saved[name])
         sharding.load_optimizer_states(self.accelerator, self.optimizers, saved, checkpoint)
-        set_rng_state(saved["rng"])
+        rank, per_process = self.accelerator.process_index, saved.get("rng_per_process", [])
+        set_rng_state(per_process[rank] if rank < len(per_process) else saved["rng"])
         return saved["state"]
 
 

@@ -525,6 +525,8 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, merge_lora
     the tokenizer beside it lets `AutoPeftModelForCausalLM` grow the base before loading them.
     """
     out_dir = Path(out_dir)
+    if state_dict is not None and isinstance(model, ScoreModel):  # gathered from the wrapper: `model.` keys
+        state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     inner = model.model if isinstance(model, ScoreModel) else model
@@ -724,8 +726,6 @@ class ScoreModel(nn.Module):
         return getattr(self.model, "_no_split_modules", None)
 
     def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
-        if kwargs.get("state_dict") is not None:  # gathered from this wrapper: keys start with `model.`
-            kwargs["state_dict"] = {k.removeprefix("model."): v for k, v in kwargs["state_dict"].items()}
         self.model.save_pretrained(*args, **kwargs)
 
     def merge_and_unload(self) -> Any:

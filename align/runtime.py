@@ -45,8 +45,11 @@ def make_accelerator(mixed_precision: str = "auto") -> Any:
     cpu = multi_process and not _has_accelerator_device()
     sharding.check_launch()
     if cpu and sharding.requested() is not None:  # FSDP or DeepSpeed over gloo (align/sharding.py)
-        return sharding.cpu_accelerator(mixed_precision)
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+        accelerator = sharding.cpu_accelerator(mixed_precision)
+    else:
+        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    sharding.load_models_whole(accelerator)
+    return accelerator
 
 
 def _has_accelerator_device() -> bool:

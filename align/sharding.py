@@ -110,6 +110,18 @@ def cpu_accelerator(mixed_precision: str) -> Any:
     return accelerator
 
 
+def load_models_whole(accelerator: Any) -> None:
+    """Under ZeRO-3 accelerate registers its DeepSpeed config with transformers whatever
+    `zero3_init_flag` says, and `from_pretrained` then builds every model partitioned
+    (`deepspeed.zero.Init`): the frozen reference and reward models too, which are never prepared,
+    and even the meta-device models of `--dry-run`'s parameter count. Unregistered, every process
+    loads each model whole and `prepare` partitions only the trained one."""
+    if zero_stage(accelerator) == 3:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+
+
 def _skip_deepspeed_shm_comm() -> None:
     """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel (C++, with torch's
     headers) at its first process group: minutes of compiling on a small machine, and a compiler
