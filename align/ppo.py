@@ -410,8 +410,7 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
         stateful["value_head"] = accelerator.unwrap_model(t.head)
     if t.critic_opt is not None:
         stateful.update(critic_opt=t.critic_opt, critic_sched=t.critic_sched)
-    checkpointer = Checkpointer(run, p.keep_checkpoints, accelerator, models, stateful, prepared,
-                                {k: v for k, v in optimizers.items() if k in stateful})
+    checkpointer = Checkpointer(run, p.keep_checkpoints, accelerator, models, stateful, prepared, optimizers)
     state = {"step": 0, "episode": 0, "epoch": 0, "batch_in_epoch": 0, "train_time": 0.0, "tokens_seen": 0,
              "first_response_length": 0.0}
     if ckpt is not None:

@@ -16,11 +16,16 @@ ZeRO-3), of the gradients and of the optimizer states (ZeRO-2 and up), and four 
    checkpoint's model directory stay plain `from_pretrained` checkpoints; FSDP2 optimizer states
    are gathered whole the same way (torch.distributed.checkpoint.state_dict); a ZeRO optimizer's
    states stay partitioned: each process writes its own partition file into the checkpoint
-   (`optimizer_files`), and loads it back on resume with the same number of processes;
+   (`write_optimizer_partitions`), and loads it back on resume with the same number of processes;
 4. accumulation and stepping: DeepSpeed steps inside `accelerator.backward` at a gradient
    accumulation boundary; `accumulating` marks the micro-batches before the last one, so the
    engine accumulates over exactly the micro-batches the loop gives it (DeepSpeed's own
-   `gradient_accumulation_steps` stays 1: align divides each micro-batch's loss itself).
+   `gradient_accumulation_steps` stays 1: align divides each micro-batch's loss itself). The
+   engine clips and steps there, so the loops' non-finite guard can stop a diverged DeepSpeed
+   run but not skip one update.
+
+Every process loads each model whole (`load_models_whole`); `prepare` shards the trained ones,
+and the frozen reference and reward models stay whole on every process.
 
 What is not supported under sharding fails before any weight is loaded (`check_supported`).
 """

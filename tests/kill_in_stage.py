@@ -25,6 +25,8 @@ log = runtime.MetricsLogger.log
 
 def log_then_maybe_kill(self: runtime.MetricsLogger, step: int, metrics: dict) -> None:
     log(self, step, metrics)
+    if not self.enabled:  # not the main process: it writes no metrics
+        return
     stage = Path(self.file.name).parent.name
     marker = markers / f"{stage}-{kills.get(stage)}"
     if stage in kills and step >= kills[stage] and not marker.exists():
