@@ -17,7 +17,10 @@ which resumes it. What the finished run must show, against references with the s
   it still meets the tolerances above: a resume that lost any optimizer moment, schedule or RNG
   state would miss them by orders of magnitude (each step moves weights by ~1e-3).
 
-Launches are the cost (seconds each): one DDP reference, then two or three per strategy.
+Launches are the cost (each starts 2 processes that import torch, transformers and the engine):
+one DDP reference, then two per strategy (killed, resumed). The kills cover both loops: FSDP2 in
+PPO (two optimizers gathered whole), ZeRO-2 in GRPO, ZeRO-3 in the reward model (the supervised
+loop; ZeRO partition files).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ GRPO = {**RL, "n_samples_per_prompt": 2, "ppo_epochs": 1}
 
 # strategy -> (accelerate config file, recipe stages, kills: STAGE:STEP, one per killed launch)
 STRATEGIES = {
-    "fsdp2": ("fsdp2_cpu_2proc.yaml", ("sft", "rm", "ppo", "grpo"), "sft:4,ppo:3"),
+    "fsdp2": ("fsdp2_cpu_2proc.yaml", ("sft", "rm", "ppo", "grpo"), "ppo:3"),
     "zero2": ("deepspeed_zero2_cpu_2proc.yaml", ("sft", "rm", "grpo"), "grpo:3"),
     "zero3": ("deepspeed_zero3_cpu_2proc.yaml", ("sft", "rm", "grpo"), "rm:3"),
 }
@@ -148,14 +151,14 @@ def assert_same_run(run: Path, ref: Path, keys: tuple[str, ...], start: dict[str
     (`pytest -s` shows them; docs/scaling.md quotes them)."""
     rows, ref_rows = read_metrics(run / "metrics.jsonl"), read_metrics(ref / "metrics.jsonl")
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows], run
-    compared, worst_rel = 0, 0.0
+    compared, worst_share = 0, 0.0  # the largest |difference| / tolerance
     for a, b in zip(rows, ref_rows):
         for key in keys:
             if key in b:
                 assert key in a, (run.name, a["step"], key)
                 assert a[key] == pytest.approx(b[key], rel=rel, abs=abs_), (run.name, a["step"], key)
                 compared += 1
-                worst_rel = max(worst_rel, abs(a[key] - b[key]) / max(abs(b[key]), abs_))
+                worst_share = max(worst_share, abs(a[key] - b[key]) / max(rel * abs(b[key]), abs_))
     assert compared >= len(ref_rows), f"{run.name}: too few metrics compared ({compared})"
     summary, ref_summary = (json.loads((d / "summary.json").read_text()) for d in (run, ref))
     assert summary["steps"] == ref_summary["steps"]
@@ -163,8 +166,8 @@ def assert_same_run(run: Path, ref: Path, keys: tuple[str, ...], start: dict[str
     assert final.keys() == expected.keys(), sorted(final.keys() ^ expected.keys())
     assert max_difference(expected, start) > 1e-3, f"{ref.name}: training changed nothing"
     worst = max_difference(final, expected)
-    print(f"\n{run.parent.name} {run.name}: {compared} metrics, worst relative difference {worst_rel:.1e}; "
-          f"final weights, worst absolute difference {worst:.1e}")
+    print(f"\n{run.parent.name} {run.name}: {compared} logged values, the worst at {worst_share:.0%} of its "
+          f"tolerance; final weights: worst absolute difference {worst:.1e}")
     assert worst < WEIGHT_TOL, f"{run.name}: weights differ from the reference by up to {worst:g}"
 
 
@@ -221,7 +224,8 @@ def fake_accelerator(kind: str | None, zero_stage: int = 2) -> Any:
 
 
 @pytest.mark.parametrize("kind, stage, kwargs, message", [
-    ("deepspeed", 3, {"lora": False, "critic": "separate"}, "PPO with a critic under DeepSpeed ZeRO-3 is not supported"),
+    ("deepspeed", 3, {"lora": False, "critic": "separate"},
+     "PPO with a critic under DeepSpeed ZeRO-3 is not supported"),
     ("deepspeed", 2, {"lora": False, "critic": "shared"}, "critic.share_actor under DeepSpeed ZeRO-2"),
     ("fsdp", 2, {"lora": False, "critic": "shared"}, "critic.share_actor under FSDP"),
     ("fsdp", 2, {"lora": True}, "LoRA under FSDP is not supported"),
@@ -250,7 +254,8 @@ def test_what_sharding_supports_passes() -> None:
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"},
      "gradient_accumulation_steps must be 1"),
 ])
-def test_launch_settings_align_cannot_honour(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str) -> None:
+def test_launch_settings_align_cannot_honour(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+                                             message: str) -> None:
     from align.errors import AlignError
     from align.sharding import check_launch
 
