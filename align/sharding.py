@@ -33,6 +33,7 @@ What is not supported under sharding fails before any weight is loaded (`check_s
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -78,6 +79,8 @@ def check_launch() -> None:
         raise AlignError(f"{where}: FSDP1 (fsdp_version: 1) is not supported; set fsdp_version: 2 "
                          "(configs/accelerate/fsdp2.yaml)")
     if requested() == DEEPSPEED:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise AlignError(f"{where} asks for DeepSpeed, which is not installed: pip install -e '.[deepspeed]'")
         if _env_flag("ACCELERATE_DEEPSPEED_ZERO3_INIT"):
             # zero.Init would also partition the frozen reference and reward models, which are
             # never prepared, so their forward passes would see empty parameters.

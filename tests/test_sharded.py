@@ -268,6 +268,20 @@ def test_launch_settings_align_cannot_honour(monkeypatch: pytest.MonkeyPatch, en
         check_launch()
 
 
+def test_deepspeed_not_installed_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from align.errors import AlignError
+    from align.sharding import check_launch
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "deepspeed" else find_spec(name, *args))
+    with pytest.raises(AlignError, match=r"not installed: pip install -e '\.\[deepspeed\]'"):
+        check_launch()
+
+
 def test_every_config_file_parses_with_the_settings_align_needs() -> None:
     """The example files load with accelerate's own parser; the sharded ones keep what align
     requires (FSDP2, models loaded whole, DeepSpeed accumulation left to align)."""
