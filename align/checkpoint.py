@@ -19,7 +19,7 @@ import errno
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,40 +61,77 @@ class Checkpointer:
     accelerator: Any
     models: dict[str, tuple[Any, Any]]
     stateful: dict[str, Any]
+    prepared: dict[str, Any] = field(default_factory=dict)
+    """role -> the prepared (possibly sharded) model of `models[role]`: under FSDP or DeepSpeed every
+    process gathers its full state dict, which the main process writes (align/sharding.py)."""
+    optimizers: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    """name in `stateful` -> (prepared model, its prepared optimizer): under FSDP2 saved whole,
+    under DeepSpeed one ZeRO partition file per process; otherwise saved like any stateful object."""
 
     def save(self, step: int, state: dict[str, Any]) -> None:
-        """Write `step-N` (main process only; every process waits for it)."""
+        """Write `step-N`: the main process writes it, after every process took part in gathering
+        sharded states (and, under DeepSpeed, wrote its optimizer partitions into it)."""
+        from accelerate.utils import gather_object
+
+        from align import sharding
         from align.modeling import save_model
         from align.runtime import rng_state
 
-        if self.accelerator.is_main_process:
-            trainer_state = {name: obj.state_dict() for name, obj in self.stateful.items()}
-            trainer_state.update(rng=rng_state(), state=state)
+        acc = self.accelerator
+        # Each process's own RNG states: the processes sample different prompts, so their streams
+        # part ways, and a resumed process must continue its own.
+        rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
+        full = sharding.full_state_dicts(acc, self.prepared)
+        whole = sharding.optimizer_states(acc, self.optimizers)
+        apart = sharding.sharded_names(acc, self.optimizers)
+        partitioned = sharding.strategy(acc) == sharding.DEEPSPEED and bool(self.optimizers)
+        if acc.is_main_process:
+            trainer_state = {name: obj.state_dict() for name, obj in self.stateful.items() if name not in apart}
+            trainer_state.update(whole)
+            trainer_state.update(rng=rngs[0], rng_per_process=rngs, state=state)
 
             def write_models(path: Path) -> None:
                 for role, (model, tokenizer) in self.models.items():
-                    save_model(model, tokenizer, model_dir(path, role), standalone=False)
+                    save_model(model, tokenizer, model_dir(path, role), state_dict=full.get(role), standalone=False)
+                if partitioned:  # the temporary directory exists: every process writes its partitions
+                    acc.wait_for_everyone()
+                    sharding.write_optimizer_partitions(acc, self.optimizers, path)
+                    acc.wait_for_everyone()
 
             write_checkpoint(self.run, step, write_models, trainer_state, self.keep)
-        self.accelerator.wait_for_everyone()
+        elif partitioned:
+            acc.wait_for_everyone()
+            sharding.write_optimizer_partitions(acc, self.optimizers, temporary_dir(self.run, step))
+            acc.wait_for_everyone()
+        acc.wait_for_everyone()
 
     def restore(self, checkpoint: Path) -> dict[str, Any]:
         """Load every stateful object's state and the RNG states from `checkpoint` (whose model
         weights the caller loaded, from `model_dir(checkpoint, role)`); return the loop counters."""
+        from align import sharding
         from align.runtime import set_rng_state
 
         saved = load_trainer_state(checkpoint)
+        apart = sharding.sharded_names(self.accelerator, self.optimizers)
         for name, obj in self.stateful.items():
-            obj.load_state_dict(saved[name])
-        set_rng_state(saved["rng"])
+            if name not in apart:
+                obj.load_state_dict(saved[name])
+        sharding.load_optimizer_states(self.accelerator, self.optimizers, saved, checkpoint)
+        rank, per_process = self.accelerator.process_index, saved.get("rng_per_process", [])
+        set_rng_state(per_process[rank] if rank < len(per_process) else saved["rng"])
         return saved["state"]
+
+
+def temporary_dir(run: RunDir, step: int) -> Path:
+    """Where `write_checkpoint` assembles `step-N` before renaming it into place."""
+    return run.checkpoints / f".tmp-step-{step:07d}"
 
 
 def write_checkpoint(run: RunDir, step: int, write_models: Any, trainer_state: dict[str, Any], keep: int) -> Path:
     """Write `checkpoints/step-N` atomically, move `latest` to it, keep the newest `keep`."""
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     final = run.checkpoints / f"step-{step:07d}"
-    tmp = run.checkpoints / f".tmp-step-{step:07d}"
+    tmp = temporary_dir(run, step)
     for stale in run.checkpoints.glob(".*-step-*"):  # left by a kill: never pointed at, safe to drop
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()

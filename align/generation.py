@@ -123,18 +123,21 @@ def without_model_generation_defaults(model: Any) -> Iterator[None]:
 
 @torch.no_grad()
 def sample(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-           greedy: bool = False, top_k: int = 0, top_p: float = 1.0) -> Rollout:
+           greedy: bool = False, top_k: int = 0, top_p: float = 1.0, synced: bool = False) -> Rollout:
     """Sample one response per prompt. Pure temperature sampling by default (top_k 0, top_p 1),
     because PPO scores the responses under the same temperature-scaled distribution and any other
     filter would make the sampler differ from the policy being optimised. Nothing from the model's
-    `generation_config.json` applies (see `without_model_generation_defaults`)."""
+    `generation_config.json` applies (see `without_model_generation_defaults`). `synced`: every
+    process keeps decoding until all have finished (a sharded model's forward is collective:
+    align/sharding.py)."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id, device)
     config = sampling_config(tokenizer, max_new_tokens, temperature, greedy, top_k, top_p)
     was_training = model.training
     model.eval()
     with without_model_generation_defaults(model):
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                             synced_gpus=synced)
     if was_training:
         model.train()
     responses = out[:, prompt_ids.shape[1]:]

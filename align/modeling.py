@@ -525,15 +525,18 @@ def peft_lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> Any:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # ZeRO-3 leaves each process an empty placeholder per parameter; `ds_numel` is the real size.
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     return trainable, total
 
 
 def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, merge_lora: bool = False,
-               standalone: bool = True) -> None:
+               standalone: bool = True, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write a model that `Auto*.from_pretrained(out_dir)` loads: full weights, a peft adapter
     (loaded through transformers' peft integration), or the adapter merged into the base.
+    `state_dict`: the full weights of a sharded model, gathered by every process
+    (align/sharding.py), written instead of this process's shards.
 
     An adapter records its base relative to `out_dir` (`record_base_path`). When align grew the
     vocabulary (`load_tokenizer` had to add a pad token), the base checkpoint lacks the resized
@@ -546,12 +549,15 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, merge_lora
       head (peft's `save_embedding_layers`), which align and peft load onto the grown base.
     """
     out_dir = Path(out_dir)
+    if state_dict is not None and isinstance(model, ScoreModel):  # gathered from the wrapper: `model.` keys
+        state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     inner = model.model if isinstance(model, ScoreModel) else model
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else None
     if base is None:
-        model.save_pretrained(out_dir, safe_serialization=True)
+        model.save_pretrained(out_dir, safe_serialization=True,
+                              **({"state_dict": state_dict} if state_dict is not None else {}))
     elif vocabulary_grown(base) and standalone:
         base_dir = out_dir / GROWN_BASE_DIR
         base.save_pretrained(base_dir, safe_serialization=True, state_dict=_base_weights(base))
@@ -783,6 +789,11 @@ class ScoreModel(nn.Module):
     @property
     def config(self) -> Any:
         return self.model.config
+
+    @property
+    def _no_split_modules(self) -> Any:
+        """The wrapped model's transformer blocks: FSDP's auto-wrap policy shards each as a unit."""
+        return getattr(self.model, "_no_split_modules", None)
 
     def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
         self.model.save_pretrained(*args, **kwargs)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -339,9 +340,11 @@ def run_recipe(path: str, overrides: tuple[str, ...] = (), from_stage: str | Non
                 shutil.rmtree(plan.output(name))
     check_recipe(plan)
     plan.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(plan.root / "recipe.yaml", yaml.safe_dump(
-        {"recipe": str(path), "overrides": list(overrides), "stages": {
-            s: (c if isinstance(c, dict) else dataclasses.asdict(c)) for s, c in plan.stages.items()}}, sort_keys=False))
+    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch or torchrun every process runs the recipe
+        atomic_write_text(plan.root / "recipe.yaml", yaml.safe_dump(
+            {"recipe": str(path), "overrides": list(overrides), "stages": {
+                s: (c if isinstance(c, dict) else dataclasses.asdict(c)) for s, c in plan.stages.items()}},
+            sort_keys=False))
     t0 = time.time()
     for k, name in enumerate(order, 1):
         header = f"run: stage {k} of {len(order)}: {name}"

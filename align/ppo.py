@@ -32,11 +32,12 @@ from typing import Any, Callable
 import torch
 
 from align import data as D
+from align import sharding
 from align.bundle import ModelBundle, ValueHead, build_bundle, check_models, rl_plan
 from align.checkpoint import Checkpointer, resume_point
 from align.config import RLConfig
 from align.errors import AlignError
-from align.generation import Rollout, cat_rollouts, decode_responses, sample
+from align.generation import Rollout, cat_rollouts, decode_responses
 from align.modeling import context_length, count_parameters, load_tokenizer, save_model
 from align.ops import entropy_from_logits, masked_mean, masked_whiten
 from align.reward import call_reward_function, load_reward_function
@@ -125,13 +126,14 @@ def drift_warnings(metrics: dict[str, float], first_length: float, p: Any) -> di
 
 @torch.no_grad()
 def evaluate(bundle: ModelBundle, actor: Any, tokenizer: Any, prompts: list[D.Prompt], cfg: RLConfig,
-             gold: Any) -> dict[str, float]:
+             gold: Any, accelerator: Any) -> dict[str, float]:
     """Greedy responses on the held-out prompts, scored by the learned reward (raw) and the gold one."""
     p = cfg.ppo
     scores, golds, lengths, eos = [], [], [], []
     for s in range(0, len(prompts), p.rollout_batch_size):
         chunk = prompts[s:s + p.rollout_batch_size]
-        rollout = sample(actor, tokenizer, [q.ids for q in chunk], p.response_length, greedy=True)
+        rollout = sharding.sample(accelerator, actor, tokenizer, [q.ids for q in chunk], p.response_length,
+                                  greedy=True)
         texts = decode_responses(tokenizer, rollout)
         raw = [q.text for q in chunk]
         scores.append(bundle.reward.scores(raw, texts, rollout, [tokenizer.decode(q.ids, skip_special_tokens=True)
@@ -186,6 +188,7 @@ class Trainees:
 
 def prepare_trainees(cfg: RLConfig, bundle: ModelBundle, accelerator: Any, n_steps: int) -> Trainees:
     p = cfg.ppo
+    sharding.configure_deepspeed(accelerator, p.micro_batch_size, p.max_grad_norm)
     actor_opt = make_optimizer(bundle.actor.parameters(), p.lr, p.weight_decay, p.adam_betas)
     critic_model = bundle.critic if bundle.critic is not None else (
         ValueHead(bundle.actor.config.hidden_size).to(accelerator.device) if cfg.critic.share_actor else None)
@@ -194,7 +197,9 @@ def prepare_trainees(cfg: RLConfig, bundle: ModelBundle, accelerator: Any, n_ste
         return Trainees(actor, actor_opt, make_scheduler(actor_opt, p, n_steps))
     critic_opt = make_optimizer(critic_model.parameters(), cfg.critic.lr, p.weight_decay, p.adam_betas)
     actor_sched, critic_sched = make_scheduler(actor_opt, p, n_steps), make_scheduler(critic_opt, p, n_steps)
-    actor, critic, actor_opt, critic_opt = accelerator.prepare(bundle.actor, critic_model, actor_opt, critic_opt)
+    # One model with its optimizer per call: accelerate's FSDP2 prepares one model at a time.
+    actor, actor_opt = accelerator.prepare(bundle.actor, actor_opt)
+    critic, critic_opt = accelerator.prepare(critic_model, critic_opt)
     if cfg.critic.share_actor:
         return Trainees(actor, actor_opt, actor_sched, head=critic, critic_opt=critic_opt, critic_sched=critic_sched)
     return Trainees(actor, actor_opt, actor_sched, critic=critic, critic_opt=critic_opt, critic_sched=critic_sched)
@@ -205,9 +210,10 @@ class Sampler:
     in the loop's `state` (epoch, batch in epoch), so a resumed run draws the same prompts."""
 
     def __init__(self, cfg: RLConfig, bundle: ModelBundle, actor: Any, tokenizer: Any, prompts: list[D.Prompt],
-                 state: dict[str, Any], rank: int, world: int):
+                 state: dict[str, Any], rank: int, world: int, accelerator: Any = None):
         self.cfg, self.bundle, self.actor, self.tokenizer, self.prompts, self.state = (cfg, bundle, actor, tokenizer,
                                                                                        prompts, state)
+        self.accelerator = accelerator
         self.n, self.rank, self.world = cfg.ppo.n_samples_per_prompt, rank, world
         self.per_step = cfg.ppo.rollout_batch_size // self.n * world  # prompts per step, all processes
         self.batches = D.global_batches(len(prompts), self.per_step, cfg.seed, start_epoch=state["epoch"])
@@ -236,8 +242,8 @@ class Sampler:
         spare, dropped, rows_kept = [], 0, 0
         for _ in range(p.max_sampling_rounds if p.dynamic_sampling else 1):
             rows = self.next_prompts()
-            rollout = sample(self.actor, self.tokenizer, [q.ids for q in rows], p.response_length,
-                             temperature=p.temperature)
+            rollout = sharding.sample(self.accelerator, self.actor, self.tokenizer, [q.ids for q in rows],
+                                      p.response_length, temperature=p.temperature)
             texts, raw, shaped = self.score(rows, rollout)
             if not p.dynamic_sampling:
                 return Experience(rollout, rows, texts, raw, shaped, self.bundle.reference_logprobs(rollout, self.actor))
@@ -263,8 +269,8 @@ class Sampler:
     def greedy_baseline(self, exp: Experience) -> torch.Tensor:
         """ReMax: the training score of each row's prompt answered greedily (one decode per prompt)."""
         firsts = exp.prompts[::self.n]
-        rollout = sample(self.actor, self.tokenizer, [q.ids for q in firsts], self.cfg.ppo.response_length,
-                         greedy=True)
+        rollout = sharding.sample(self.accelerator, self.actor, self.tokenizer, [q.ids for q in firsts],
+                                  self.cfg.ppo.response_length, greedy=True)
         return self.score(firsts, rollout)[2].repeat_interleave(self.n)
 
 
@@ -297,10 +303,8 @@ def update(exp: Experience, cfg: RLConfig, bundle: ModelBundle, t: Trainees, acc
             for j, ms in enumerate(micro_starts):
                 idx = mb_idx[ms:ms + p.micro_batch_size]
                 mb_mask = mask[idx]
-                with contextlib.ExitStack() as stack:
-                    if j < len(micro_starts) - 1:  # sync gradients across processes only once
-                        for model in t.models:
-                            stack.enter_context(accelerator.no_sync(model))
+                # Gradients are synchronised (and a DeepSpeed engine steps) at the last micro-batch only.
+                with sharding.accumulating(accelerator, t.models, accumulate=j < len(micro_starts) - 1):
                     new_logprobs, logits, vpred = forward(bundle, t, exp.rollout.select(idx))
                     if exp.advantages is None:  # fused: the first forward, on the rollout's weights
                         with torch.no_grad():
@@ -336,7 +340,7 @@ def update(exp: Experience, cfg: RLConfig, bundle: ModelBundle, t: Trainees, acc
                     step_stats["pg_loss"] = pg_loss
                 for k, v in step_stats.items():
                     sums.setdefault(k, []).append(v.detach())
-            norms = [accelerator.clip_grad_norm_(m.parameters(), p.max_grad_norm) for m in t.models]
+            norms = [sharding.clip_grad_norm(accelerator, m, p.max_grad_norm) for m in t.models]
             # A non-finite loss or gradient: skip this update rather than poison the weights.
             if all(torch.isfinite(x) for x in norms) and torch.isfinite(loss):
                 if train_actor:  # `critic.warmup_steps`: only the critic learns at first
@@ -359,6 +363,9 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
     p, est = cfg.ppo, get_estimator(cfg.ppo.estimator)
     stage, n = p.estimator if p.estimator != "gae" else "ppo", p.n_samples_per_prompt
     accelerator = make_accelerator(p.mixed_precision, p.report_to, cfg.output_dir, key="ppo.report_to")
+    critic_kind = None if not est.needs_critic else "shared" if cfg.critic.share_actor else "separate"
+    sharding.check_supported(accelerator, lora=cfg.memory_mode == "lora" or (est.needs_critic and cfg.critic.lora),
+                             critic=critic_kind)
     is_main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
     set_seed(cfg.seed)
     run = prepare_run_dir(cfg.output_dir, cfg, resume, is_main, force, dry_run)
@@ -398,13 +405,16 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
               else FixedKLController(p.kl_coef))
     models = {"actor": (actor, tokenizer)}
     stateful: dict[str, Any] = {"actor_opt": t.actor_opt, "actor_sched": t.actor_sched, "kl_ctl": kl_ctl}
+    prepared, optimizers = {"actor": t.actor}, {"actor_opt": (t.actor, t.actor_opt)}
     if t.critic is not None:
         models["critic"] = (accelerator.unwrap_model(t.critic), tokenizer)
+        prepared["critic"] = t.critic
+        optimizers["critic_opt"] = (t.critic, t.critic_opt)
     if t.head is not None:
         stateful["value_head"] = accelerator.unwrap_model(t.head)
     if t.critic_opt is not None:
         stateful.update(critic_opt=t.critic_opt, critic_sched=t.critic_sched)
-    checkpointer = Checkpointer(run, p.keep_checkpoints, accelerator, models, stateful)
+    checkpointer = Checkpointer(run, p.keep_checkpoints, accelerator, models, stateful, prepared, optimizers)
     state = {"step": 0, "episode": 0, "epoch": 0, "batch_in_epoch": 0, "train_time": 0.0, "tokens_seen": 0,
              "tokens_generated": 0, "first_response_length": 0.0}
     if ckpt is not None:
@@ -422,13 +432,15 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
 
     logger = MetricsLogger(run, is_main, state["step"] if ckpt is not None else None, accelerator, cfg)
     samples_file = open(run.root / "samples.jsonl", "a", encoding="utf-8") if is_main else None
-    sampler = Sampler(cfg, bundle, actor, tokenizer, prompts, state, accelerator.process_index, world)
+    sampler = Sampler(cfg, bundle, actor, tokenizer, prompts, state, accelerator.process_index, world, accelerator)
+    # A sharded actor's forward is collective: every process decodes the eval prompts with it.
+    evaluating = is_main or sharding.strategy(accelerator) is not None
 
     def eval_log() -> dict[str, float]:
         """Greedy eval, logged with the compute spent so far (curves at matched compute)."""
         out: dict[str, float] = {}
-        if is_main:
-            out = evaluate(bundle, actor, tokenizer, eval_prompts, cfg, gold)
+        if evaluating:
+            out = evaluate(bundle, actor, tokenizer, eval_prompts, cfg, gold, accelerator)
             out.update(episode=state["episode"], tokens_seen=state["tokens_seen"],
                        tokens_generated=state["tokens_generated"], train_time=time.time() - t_loop)
             logger.log(state["step"], out)
@@ -524,8 +536,9 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
     stop_request.__exit__()
 
     # ---- the final policy, then the summary that marks the run complete
+    full = sharding.full_state_dicts(accelerator, {"actor": t.actor})["actor"]
     if is_main:
-        finish_model(run, lambda path: save_model(actor, tokenizer, path, merge_lora=cfg.lora.merge))
+        finish_model(run, lambda path: save_model(actor, tokenizer, path, merge_lora=cfg.lora.merge, state_dict=full))
         samples_file.close()
     accelerator.wait_for_everyone()
     summary = {"stage": stage, "estimator": p.estimator, "steps": state["step"], "episodes": state["episode"],

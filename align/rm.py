@@ -110,16 +110,17 @@ def train_rm(cfg: RMConfig, resume: bool = False, force: bool = False, dry_run: 
     ckpt = resume_point(run) if resume else None
     model = load_score_model(cfg.model, cfg.lora, tokenizer, accelerator.device, ckpt)
 
-    def write_normalization(unwrapped: Any, out: Path) -> None:
+    def normalization_file(unwrapped: Any) -> dict[str, str]:
         # The mean goes into the head's bias where it has one; `bias` is what is left to subtract from
         # the saved classifier's output, `folded_into_head` what a raw (unnormalised) score adds back.
+        # Called before the final weights are gathered, so a folded bias is in what is saved.
         mean = normalization_bias(unwrapped, cfg, tokenizer, accelerator.device) if cfg.normalize_with else 0.0
         folded = fold_score_offset(unwrapped, mean)
-        (out / NORMALIZATION_FILE).write_text(json.dumps({"bias": mean - folded, "folded_into_head": folded,
-                                                          "normalized_with": cfg.normalize_with}))
+        return {NORMALIZATION_FILE: json.dumps({"bias": mean - folded, "folded_into_head": folded,
+                                                "normalized_with": cfg.normalize_with})}
 
     stage = Stage(
-        name="rm", terms=make_terms(cfg.margin), merge_lora=True, extra_files=write_normalization,
+        name="rm", terms=make_terms(cfg.margin), merge_lora=True, extra_files=normalization_file,
         collate=lambda pairs: D.pad_pairs(pairs, tokenizer.pad_token_id),
         count=lambda b: torch.tensor(b["input_ids"].shape[0] // 2),
     )

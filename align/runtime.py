@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from align import sharding
 from align.config import FLOORED_SCHEDULES, OptimizerConfig
 from align.errors import AlignError, ConfigError
 from align.rundir import RunDir, atomic_write_text, read_metrics
@@ -61,8 +62,14 @@ def make_accelerator(mixed_precision: str = "auto", report_to: list[str] | tuple
     if report_to:
         root = Path(run_root if run_root is not None else ".")
         project = ProjectConfiguration(project_dir=str(root), logging_dir=str(root / "tensorboard"))
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, log_with=list(report_to) or None,
-                       project_config=project)
+    trackers: dict[str, Any] = {"log_with": list(report_to) or None, "project_config": project}
+    sharding.check_launch()
+    if cpu and sharding.requested() is not None:  # FSDP or DeepSpeed over gloo (align/sharding.py)
+        accelerator = sharding.cpu_accelerator(mixed_precision, **trackers)
+    else:
+        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, **trackers)
+    sharding.load_models_whole(accelerator)
+    return accelerator
 
 
 TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "trackio": ("trackio",),

@@ -17,7 +17,6 @@ as stat_sum / item_count over the logging window (train/...) and the validation 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from align import data as D
+from align import sharding
 from align.config import TrainConfig
 from align.errors import AlignError
 from align.checkpoint import Checkpointer
@@ -50,8 +50,9 @@ class Stage:
     """Adds metrics computed from the averaged ones (e.g. perplexity = exp(loss))."""
     tokens: Callable[[dict[str, torch.Tensor]], int] = lambda b: int(b["attention_mask"].sum())
     merge_lora: bool = False
-    extra_files: Callable[[Any, Path], None] | None = None
-    """Writes stage-specific files into the final model directory before it is renamed into place."""
+    extra_files: Callable[[Any], dict[str, str]] | None = None
+    """Stage-specific files for the final model directory (name -> text), computed from the trained
+    model by every process (a sharded model's forward needs them all), written by the main one."""
 
 
 def open_stage(cfg: Any, resume: bool, force: bool, dry_run: bool) -> tuple[Any, RunDir, Any, Any]:
@@ -62,6 +63,7 @@ def open_stage(cfg: Any, resume: bool, force: bool, dry_run: bool) -> tuple[Any,
     from align.runtime import make_accelerator, set_seed
 
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.report_to, cfg.output_dir)
+    sharding.check_supported(accelerator, lora=cfg.lora.enabled)
     set_seed(cfg.seed)
     run = prepare_run_dir(cfg.output_dir, cfg, resume, accelerator.is_main_process, force, dry_run)
     model_config = inspect_model(cfg.model.path, "model.path", cfg.model.trust_remote_code)
@@ -121,13 +123,21 @@ def evaluate(stage: Stage, model: Any, items: list[Any], batch_size: int, accele
     model.eval()
     # Strided, not D.shard: every example is evaluated once whatever the process count (sums are reduced).
     mine = list(range(accelerator.process_index, len(items), accelerator.num_processes))
+    n_batches = -(-len(mine) // batch_size)
+    if sharding.strategy(accelerator) is not None:
+        # A sharded forward is collective: every process runs as many batches as the process with
+        # the most, re-running its first batch uncounted where it has none left.
+        n_batches = -(-(-(-len(items) // accelerator.num_processes)) // batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
     sums: dict[str, torch.Tensor] = {}
     count = torch.zeros((), device=accelerator.device)
-    for b, start in enumerate(range(0, len(mine), batch_size)):
-        if max_batches is not None and b >= max_batches:
-            break
-        batch = _to(stage.collate([items[i] for i in mine[start:start + batch_size]]), accelerator.device)
+    for start in range(0, n_batches * batch_size, batch_size):
+        chunk = mine[start:start + batch_size]
+        batch = _to(stage.collate([items[i] for i in chunk or (mine or [0])[:batch_size]]), accelerator.device)
         _, n, stats = stage.terms(model, batch)
+        if not chunk:
+            continue
         count += n
         for k, v in stats.items():
             sums[k] = sums.get(k, 0) + v.float()
@@ -148,12 +158,14 @@ def fit(stage: Stage, *, t: TrainConfig, seed: int, run: RunDir, accelerator: An
     batches_per_epoch = len(train_items) // global_batch
     optimizer = make_optimizer(model.parameters(), t.lr, t.weight_decay, t.adam_betas)
     scheduler = make_scheduler(optimizer, t, n_steps)
+    sharding.configure_deepspeed(accelerator, t.batch_size, t.max_grad_norm)
     # The scheduler is stepped by hand once per optimizer step, so accelerate does not wrap it.
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
     checkpointer = Checkpointer(run, t.keep_checkpoints, accelerator, models={"model": (unwrapped, tokenizer)},
-                                stateful={"optimizer": optimizer, "scheduler": scheduler})
+                                stateful={"optimizer": optimizer, "scheduler": scheduler}, prepared={"model": model},
+                                optimizers={"optimizer": (model, optimizer)})
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": float("inf"), "evals_without_gain": 0,
              "tokens_seen": 0, "train_time": 0.0}
     if resume_from is not None:
@@ -193,15 +205,16 @@ def fit(stage: Stage, *, t: TrainConfig, seed: int, run: RunDir, accelerator: An
         step_window: dict[str, torch.Tensor] = {}
         step_count = torch.zeros((), device=accelerator.device)
         for j, mb in enumerate(micro):
-            sync = j == len(micro) - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            with sharding.accumulating(accelerator, [model], accumulate=j < len(micro) - 1):
                 loss_sum, n, stats = stage.terms(model, mb)
                 accelerator.backward(loss_sum * world / n_items)
             step_loss += loss_sum.detach()
             step_count += n.detach()
             for k, v in stats.items():
                 step_window[k] = step_window.get(k, 0) + v.detach().float()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        # (Under DeepSpeed the engine clipped and stepped inside the last backward: the guard can
+        # stop a diverged run but not skip its update; `optimizer.step()` is a no-op there.)
+        grad_norm = sharding.clip_grad_norm(accelerator, model, t.max_grad_norm)
         # A non-finite loss or gradient: skip this update (the batch is still consumed).
         if guard.check(accelerator.reduce(step_loss, "sum"), grad_norm):
             optimizer.step()
@@ -260,12 +273,16 @@ def fit(stage: Stage, *, t: TrainConfig, seed: int, run: RunDir, accelerator: An
     bar.close()
     stop_request.__exit__()
 
-    # The final model, then the summary that marks the run complete.
+    # The final model, then the summary that marks the run complete. Extra files first: a LoRA
+    # merge changes the model in place.
+    extras = stage.extra_files(unwrapped) if stage.extra_files is not None else {}
+    full = sharding.full_state_dicts(accelerator, {"model": model})["model"]
+
     def write_final(path: Path) -> None:
         path.mkdir(parents=True)
-        if stage.extra_files is not None:  # before saving: a LoRA merge changes the model in place
-            stage.extra_files(unwrapped, path)
-        save_model(unwrapped, tokenizer, path, merge_lora=stage.merge_lora)
+        for name, text in extras.items():
+            (path / name).write_text(text)
+        save_model(unwrapped, tokenizer, path, merge_lora=stage.merge_lora, state_dict=full)
 
     if is_main:
         finish_model(run, write_final)
