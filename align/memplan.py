@@ -256,8 +256,10 @@ def backward_peak(models: list[Trained], rows: int, seq: int, logit_tokens: int,
         # This model's sweep: at its last layer (every activation, the layer's transients), at its
         # first (one layer's activations, nearly every gradient), and at the end (every gradient).
         sweeps.append(max(a + weights16 + transient, kept + around + grads + transient, grads))
-        items += [Item(f"activations ({'checkpointed' if checkpointing else 'saved'})", a,
+        items += [Item(f"activations ({'layer inputs: checkpointing' if checkpointing else 'saved'})", a,
                        f"{tokens:,} tokens x {s.layers} layers"),
+                  Item("backward transients" + (" and the recomputed layer" if checkpointing else ""), transient,
+                       "one layer at a time"),
                   Item("gradients", grads, f"{m.trained:,} trained x 4 B")]
         if lg:
             items.append(Item("logits", lg, f"{logit_tokens:,} tokens x {s.vocab:,} vocab x 4 B x {logit_copies}"))
@@ -368,7 +370,7 @@ def estimate_rl(stage: str, actor: Trained, *, rollout_rows: int, update_rows: i
         widest = nograd_transient(shape, seq, nbytes) * tokens
         lg = SCORING_LOGIT_COPIES * rollout_rows * response * shape.vocab * 4 if logits else 0.0
         scoring.append(Item(name, widest + lg, f"{rollout_rows} rows x {seq} tokens"))
-    plan.parts["scoring"] = scoring
+    plan.parts["scoring (no grad)"] = scoring
     offload = reward.params * reward.weight_bytes if reward is not None and reward_offload else 0.0
     plan.phases.append(Item("scoring (no grad)", max(i.bytes for i in scoring) + offload, "largest pass"))
 
@@ -379,7 +381,7 @@ def estimate_rl(stage: str, actor: Trained, *, rollout_rows: int, update_rows: i
     if value_head:
         items.append(Item("value head gradients", 4 * value_head))
         bwd += 4 * value_head
-    plan.parts["update"] = items
+    plan.parts["update forward + backward"] = items
     plan.phases.append(Item("update forward + backward", bwd, f"micro-batch {update_rows} x {seq} tokens"))
     trained = actor.trained + (critic.trained if critic else 0) + value_head
     plan.phases.append(Item("optimizer step", 4 * trained, "every gradient"))
@@ -436,6 +438,9 @@ def stage_plan(stage: str, cfg: Any, facts: dict[str, ModelFacts], *, device: st
     precision = resolve_precision(precision or section.mixed_precision, device)
     if precision not in PRECISIONS:
         raise AlignError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
+    if hasattr(cfg, "ppo") and precision == "fp16":
+        raise AlignError("the RL loop does not support fp16 (one GradScaler cannot serve actor and critic); plan with "
+                         "bf16")
     ckpt = cfg.model.gradient_checkpointing
     if not hasattr(cfg, "ppo"):
         return _supervised_stage(stage, cfg, facts["model"], device, precision, processes, ckpt)
@@ -537,7 +542,9 @@ def plan_lines(plan: MemoryPlan) -> list[str]:
     for phase in plan.phases:
         mark = "  <- peak" if phase is plan.peak_phase else ""
         lines.append(f"  {phase.name}: +{human(phase.bytes)} ({phase.note}){mark}")
-        for part in plan.parts.get(phase.name.replace("update forward + backward", "update"), []):
+        if phase.name in ("forward + backward", "update forward + backward"):
+            lines.append("    of which (not all at once: the backward pass frees activations as gradients appear):")
+        for part in plan.parts.get(phase.name, []):
             lines.append(f"    {part.name}: {human(part.bytes)}" + (f" ({part.note})" if part.note else ""))
     if plan.device == "cpu" and plan.processes > 1:
         lines.append(f"  on one CPU machine the {plan.processes} processes hold ~{human(plan.peak_bytes * plan.processes)}")
@@ -548,3 +555,16 @@ def summary_line(plan: MemoryPlan) -> str:
     """The one `--dry-run` line."""
     return (f"~{human(plan.peak_bytes)} per device at the peak ({plan.peak_phase.name}; {plan.device}, "
             f"{plan.precision}; estimate, `align plan` shows the parts)")
+
+
+def dry_run_line(stage: str, cfg: Any) -> str:
+    """The `memory` line of a `--dry-run` plan: this machine's device and process count."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    device = "cuda" if state.device.type == "cuda" else "cpu"
+    try:
+        plan = stage_plan(stage, cfg, model_facts(stage, cfg), device=device, processes=state.num_processes)
+    except AlignError as e:
+        return f"not estimated ({e})"
+    return summary_line(plan)
