@@ -76,6 +76,8 @@ class ModelShape:
     vocab: int
     gated_mlp: bool = True
     """SwiGLU-style MLP (gate, up, down: Llama, Mistral, Qwen, Gemma, Phi-3); else fc1, act, fc2 (GPT-2, OPT, NeoX)."""
+    tied: bool = False
+    """The output head is the input embedding (`tie_word_embeddings`)."""
 
     @property
     def head_dim(self) -> int:
@@ -112,7 +114,8 @@ def model_shape(config: Mapping[str, Any] | Any) -> ModelShape:
     intermediate = config.get("intermediate_size") or config.get("n_inner") or config.get("ffn_dim") or 4 * hidden
     return ModelShape(hidden=hidden, layers=first("num_hidden_layers", "n_layer"), heads=heads, kv_heads=kv_heads,
                       intermediate=intermediate, vocab=first("vocab_size"),
-                      gated_mlp=config.get("model_type") not in NON_GATED)
+                      gated_mlp=config.get("model_type") not in NON_GATED,
+                      tied=bool(config.get("tie_word_embeddings", True)))  # transformers' default: tied
 
 
 @dataclass(frozen=True)
@@ -249,8 +252,10 @@ def backward_peak(models: list[Trained], rows: int, seq: int, logit_tokens: int,
         grads = 4.0 * m.trained
         transient = layer_backward_transient(s, act) * tokens + rebuilt
         # Autocast's bf16 weight copies, saved by each matmul whose input needs a gradient (frozen
-        # LoRA bases included): every linear layer's weight, the output head's too.
-        weights16 = 2.0 * (m.params - (0 if m.logits else s.vocab * s.hidden)) if autocast else 0.0
+        # LoRA bases included): every linear layer's weight and the output head's (a tied head
+        # casts the embedding matrix; the embedding lookup itself casts nothing).
+        cast = m.params - (0 if m.logits and s.tied else s.vocab * s.hidden)
+        weights16 = 2.0 * cast if autocast else 0.0
         lg = logit_copies * logit_tokens * s.vocab * 4.0 if m.logits else 0.0
         starts.append(a + weights16 + lg)
         # This model's sweep: at its last layer (every activation, the layer's transients), at its

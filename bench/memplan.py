@@ -53,6 +53,9 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "ppo_lora": ("ppo", {"memory_mode": "lora", "critic": {"lora": True}}),
     "ppo_shared": ("ppo", {"critic": {"share_actor": True}}),
     "grpo": ("grpo", {}),
+    "ppo_rm": ("ppo", {"reward": "model"}),
+    "sft_bf16": ("sft", {"train": {"mixed_precision": "bf16"}}),  # CPU autocast: the bf16 counting, checked
+    "ppo_bf16": ("ppo", {"ppo": {"mixed_precision": "bf16"}}),  # a reward model (a score head on the same backbone) instead of a function
 }
 
 
@@ -100,7 +103,20 @@ def config_dict(run: str, model: Path, data: dict[str, Path], out: Path) -> tupl
                "data": {"train": str(data["prompts"]), "max_length": PROMPT}, "ppo": loop}
     for key, value in extra.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    if extra.get("reward") == "model":
+        cfg["reward"] = {"model": str(reward_model(model))}
     return stage, cfg
+
+
+def reward_model(model: Path) -> Path:
+    """A sequence classifier on `model`'s backbone, saved beside it (as `align rm` saves one)."""
+    out = model.with_name(model.name + "-rm")
+    if not out.exists():
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        AutoModelForSequenceClassification.from_pretrained(model, num_labels=1).save_pretrained(out)
+        AutoTokenizer.from_pretrained(model).save_pretrained(out)
+    return out
 
 
 def config_class(stage: str) -> Any:
@@ -182,8 +198,9 @@ def layer_check() -> list[dict[str, Any]]:
         config = LlamaConfig(hidden_size=h, num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter,
                              num_hidden_layers=1, vocab_size=260, max_position_embeddings=128)
         config._attn_implementation = "sdpa"
-        for name, lora in (("full", None), ("lora all", LoraTargets(8)),
-                           ("lora q,v", LoraTargets(8, frozenset({"q_proj", "v_proj"})))):
+        for name, lora, autocast in (("full", None, False), ("lora all", LoraTargets(8), False),
+                                     ("lora q,v", LoraTargets(8, frozenset({"q_proj", "v_proj"})), False),
+                                     ("full, bf16 autocast", None, True)):
             layer = LlamaDecoderLayer(config, 0)
             if lora is not None:
                 from peft import LoraConfig as PeftLora, get_peft_model
@@ -206,14 +223,18 @@ def layer_check() -> list[dict[str, Any]]:
                     seen.setdefault(storage.data_ptr(), storage.nbytes())
                 return t
 
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 layer(x, attention_mask=mask, position_embeddings=cos_sin, position_ids=position_ids)
-            counted = sum(seen.values()) / (B * T)
+            counted = sum(seen.values())
+            if autocast:  # the bf16 weight copies autograd keeps: the plan counts them apart, per model
+                counted -= 2 * sum(p.numel() for p in layer.parameters() if p.ndim == 2)
+            counted /= B * T
             # The layer's input x is saved by its first norm; the formula counts it in the layer.
             counted += 4 * h
             shape = ModelShape(hidden=h, layers=1, heads=heads, kv_heads=kv, intermediate=inter, vocab=260)
             rows.append({"layer": f"h={h} heads={heads} kv={kv} I={inter}", "mode": name, "counted": counted,
-                         "formula": layer_saved(shape, T, 4, False, lora)})
+                         "formula": layer_saved(shape, T, 2 if autocast else 4, autocast, lora)})
     return rows
 
 

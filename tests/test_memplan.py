@@ -63,6 +63,11 @@ def test_supervised_plan_by_hand() -> None:
     assert ckpt.phases[0].bytes == max(2 * kept + around + logits, 2 * kept + around + transient + per_layer, bottom)
     assert ckpt.phases[0].bytes < plan.phases[0].bytes
 
+    # bf16 autocast: each matmul keeps a bf16 copy of its weight for the backward, the output head's
+    # too but not the embedding's (TINY's head is untied: 1,000 - 10 x 8 parameters are cast)
+    bf16 = estimate_supervised("sft", model, 2, 4, device="cuda", precision="bf16")
+    assert {i.name: i.bytes for i in bf16.parts["forward + backward"]}["bf16 weight copies (autocast)"] == 2 * 920
+
     # two processes: DDP's gradient buckets (4 B per trained parameter) are resident too
     ddp = estimate_supervised("sft", model, 2, 4, device="cuda", precision="fp32", processes=2)
     assert ddp.resident_bytes == 12000 + 4000
@@ -166,9 +171,10 @@ def test_stage_plan_maps_each_stage_onto_its_models() -> None:
 def test_model_shape_reads_each_family() -> None:
     llama = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "intermediate_size": 256, "vocab_size": 260}
-    assert model_shape(llama) == ModelShape(64, 2, 4, 2, 256, 260, True)
+    assert model_shape(llama) == ModelShape(64, 2, 4, 2, 256, 260, True, tied=True)  # transformers' default
+    assert not model_shape({**llama, "tie_word_embeddings": False}).tied
     gpt2 = {"model_type": "gpt2", "n_embd": 48, "n_layer": 3, "n_head": 4, "n_inner": None, "vocab_size": 300}
-    assert model_shape(gpt2) == ModelShape(48, 3, 4, 4, 192, 300, False)  # no n_inner: 4h; no gate
+    assert model_shape(gpt2) == ModelShape(48, 3, 4, 4, 192, 300, False, tied=True)  # no n_inner: 4h; no gate
     assert model_shape({"text_config": llama, "model_type": "llava"}).hidden == 64
     with pytest.raises(AlignError, match="hidden_size, n_embd, d_model"):
         model_shape({"num_hidden_layers": 2})
