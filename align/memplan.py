@@ -196,6 +196,7 @@ class Trained:
     lora: LoraTargets | None = None
     logits: bool = True
     """Whether the loss reads its vocabulary logits (a causal LM) or a scalar (critic, reward model)."""
+    role: str = "model"
 
 
 @dataclass(frozen=True)
@@ -261,15 +262,16 @@ def backward_peak(models: list[Trained], rows: int, seq: int, logit_tokens: int,
         # This model's sweep: at its last layer (every activation, the layer's transients), at its
         # first (one layer's activations, nearly every gradient), and at the end (every gradient).
         sweeps.append(max(a + weights16 + transient, kept + around + grads + transient, grads))
-        items += [Item(f"activations ({'layer inputs: checkpointing' if checkpointing else 'saved'})", a,
+        who = "" if m.role == "model" else f"{m.role} "
+        items += [Item(f"{who}activations ({'layer inputs: checkpointing' if checkpointing else 'saved'})", a,
                        f"{tokens:,} tokens x {s.layers} layers"),
-                  Item("backward transients" + (" and the recomputed layer" if checkpointing else ""), transient,
-                       "one layer at a time"),
-                  Item("gradients", grads, f"{m.trained:,} trained x 4 B")]
+                  Item(f"{who}backward transients" + (" and the recomputed layer" if checkpointing else ""),
+                       transient, "one layer at a time"),
+                  Item(f"{who}gradients", grads, f"{m.trained:,} trained x 4 B")]
         if lg:
-            items.append(Item("logits", lg, f"{logit_tokens:,} tokens x {s.vocab:,} vocab x 4 B x {logit_copies}"))
+            items.append(Item(f"{who}logits", lg, f"{logit_tokens:,} tokens x {s.vocab:,} vocab x 4 B x {logit_copies}"))
         if weights16:
-            items.append(Item("bf16 weight copies (autocast)", weights16))
+            items.append(Item(f"{who}bf16 weight copies (autocast)", weights16))
     # The backward runs the model built last first: the earlier ones' activations wait, the later
     # ones' gradients stay.
     peak, done = sum(starts), 0.0
@@ -452,14 +454,15 @@ def stage_plan(stage: str, cfg: Any, facts: dict[str, ModelFacts], *, device: st
     p = cfg.ppo
     lora = cfg.memory_mode == "lora"
     a = facts["actor"]
-    actor = Trained(a.shape, a.params, a.lora if lora else a.params, lora_targets(cfg.lora) if lora else None)
+    actor = Trained(a.shape, a.params, a.lora if lora else a.params, lora_targets(cfg.lora) if lora else None,
+                    role="actor")
     reference = None if lora else Held("reference", a.params, frozen_bytes(cfg.model.dtype, device))
     critic, value_head = None, 0
     if "critic" in facts:
         c = facts["critic"]
         trained = c.lora + c.shape.hidden if cfg.critic.lora else c.backbone + c.shape.hidden
         critic = Trained(c.shape, c.backbone + c.shape.hidden, trained,
-                         lora_targets(cfg.lora) if cfg.critic.lora else None, logits=False)
+                         lora_targets(cfg.lora) if cfg.critic.lora else None, logits=False, role="critic")
     elif cfg.critic.share_actor:
         value_head = a.shape.hidden + 1
     reward, reward_shape = None, None
