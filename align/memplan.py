@@ -573,6 +573,6 @@ def dry_run_line(stage: str, cfg: Any) -> str:
     device = "cuda" if state.device.type == "cuda" else "cpu"
     try:
         plan = stage_plan(stage, cfg, model_facts(stage, cfg), device=device, processes=state.num_processes)
-    except AlignError as e:
+    except (AlignError, ValueError, KeyError) as e:  # an architecture the plan cannot read: the dry run goes on
         return f"not estimated ({e})"
     return summary_line(plan)

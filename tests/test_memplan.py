@@ -248,3 +248,16 @@ def test_memplan_imports_no_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
+
+
+def test_model_shape_reads_the_architecture_matrix_configs() -> None:
+    """The shapes of the architectures the test matrix covers, read from transformers' config classes."""
+    import transformers as T
+
+    for cls, gated in [(T.LlamaConfig, True), (T.Qwen2Config, True), (T.Qwen3Config, True), (T.MistralConfig, True),
+                       (T.Gemma2Config, True), (T.Phi3Config, True), (T.GPT2Config, False), (T.GPTNeoXConfig, False),
+                       (T.OPTConfig, False)]:
+        config = cls()
+        shape = model_shape(config)
+        assert shape.hidden == config.get_text_config().hidden_size and shape.gated_mlp == gated, cls.__name__
+        assert shape.layers >= 1 and shape.intermediate >= shape.hidden and shape.vocab == config.vocab_size
