@@ -269,7 +269,8 @@ def backward_peak(models: list[Trained], rows: int, seq: int, logit_tokens: int,
                        transient, "one layer at a time"),
                   Item(f"{who}gradients", grads, f"{m.trained:,} trained x 4 B")]
         if lg:
-            items.append(Item(f"{who}logits", lg, f"{logit_tokens:,} tokens x {s.vocab:,} vocab x 4 B x {logit_copies}"))
+            items.append(Item(f"{who}logits", lg,
+                              f"{logit_tokens:,} tokens x {s.vocab:,} vocab x 4 B x {logit_copies}"))
         if weights16:
             items.append(Item(f"{who}bf16 weight copies (autocast)", weights16))
     # The backward runs the model built last first: the earlier ones' activations wait, the later
@@ -357,8 +358,8 @@ def estimate_rl(stage: str, actor: Trained, *, rollout_rows: int, update_rows: i
     kv = 2 * s.layers * s.kv_dim * seq * rollout_rows * cache_bytes
     kv_growing = kv / s.layers  # DynamicCache concatenates: one layer's old and new copy at once
     prefill = nograd_transient(s, prompt, cache_bytes) * rollout_rows * prompt
-    plan.parts["rollout"] = [Item("KV cache", kv + kv_growing, f"2 x {s.layers} layers x {s.kv_dim} x {seq} tokens x "
-                                  f"{rollout_rows} rows x {cache_bytes} B"),
+    plan.parts["rollout"] = [Item("KV cache", kv + kv_growing, f"K and V x {s.layers} layers x {s.kv_dim} wide x {seq} "
+                                  f"tokens x {rollout_rows} rows x {cache_bytes} B"),
                              Item("prefill activations (no grad)", prefill, "one layer at a time")]
     plan.phases.append(Item("rollout", kv + max(kv_growing, prefill), f"{rollout_rows} rows x {seq} tokens"))
 
@@ -555,7 +556,8 @@ def plan_lines(plan: MemoryPlan) -> list[str]:
         for part in plan.parts.get(phase.name, []):
             lines.append(f"    {part.name}: {human(part.bytes)}" + (f" ({part.note})" if part.note else ""))
     if plan.device == "cpu" and plan.processes > 1:
-        lines.append(f"  on one CPU machine the {plan.processes} processes hold ~{human(plan.peak_bytes * plan.processes)}")
+        total = human(plan.peak_bytes * plan.processes)
+        lines.append(f"  on one CPU machine the {plan.processes} processes hold ~{total}")
     return lines
 
 

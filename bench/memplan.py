@@ -53,9 +53,9 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "ppo_lora": ("ppo", {"memory_mode": "lora", "critic": {"lora": True}}),
     "ppo_shared": ("ppo", {"critic": {"share_actor": True}}),
     "grpo": ("grpo", {}),
-    "ppo_rm": ("ppo", {"reward": "model"}),
+    "ppo_rm": ("ppo", {"reward": "model"}),  # a reward model (a score head on the same backbone), not a function
     "sft_bf16": ("sft", {"train": {"mixed_precision": "bf16"}}),  # CPU autocast: the bf16 counting, checked
-    "ppo_bf16": ("ppo", {"ppo": {"mixed_precision": "bf16"}}),  # a reward model (a score head on the same backbone) instead of a function
+    "ppo_bf16": ("ppo", {"ppo": {"mixed_precision": "bf16"}}),
 }
 
 
@@ -80,8 +80,8 @@ def make_data(work: Path) -> dict[str, Path]:
                            for _ in range(64)))
     prompts = work / "prompts.jsonl"
     # `a+b=` at the end: the gold reward reads the problem from the prompt
-    prompts.write_text("".join(json.dumps({"prompt": text(PROMPT - 8) + f" {rng.randint(10, 99)}+{rng.randint(10, 99)}="})
-                               + "\n" for _ in range(64)))
+    problems = [f" {rng.randint(10, 99)}+{rng.randint(10, 99)}=" for _ in range(64)]
+    prompts.write_text("".join(json.dumps({"prompt": text(PROMPT - 8) + p}) + "\n" for p in problems))
     return {"sft": sft, "prompts": prompts}
 
 
