@@ -157,6 +157,8 @@ def rl_plan(cfg: RLConfig, stage: str, found: dict[str, Any], data: str, n_steps
     per parameter, per adapter parameter with LoRA) plus AdamW's moments (8 bytes per trained one)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from align.memplan import dry_run_line
+
     trust = cfg.model.trust_remote_code
     lora = cfg.memory_mode == "lora"
     a_total, a_trained = parameter_counts(found["actor"], AutoModelForCausalLM,
@@ -183,7 +185,8 @@ def rl_plan(cfg: RLConfig, stage: str, found: dict[str, Any], data: str, n_steps
             "actor_parameters": a_total, "actor_trained_parameters": a_trained, "critic_parameters": c_total,
             "critic_trained_parameters": c_trained, "data": data, "steps": n_steps, "episodes_per_step": global_batch,
             "checkpoint_bytes": saved + 8 * (a_trained + c_trained),
-            "final_model_bytes": 4 * (a_trained if lora and not cfg.lora.merge else a_total)}
+            "final_model_bytes": 4 * (a_trained if lora and not cfg.lora.merge else a_total),
+            "memory": dry_run_line(stage, cfg)}
 
 
 def critic_backbone(cfg: RLConfig) -> str | None:

@@ -128,6 +128,51 @@ for _stage in training_stages():
     _add_train_command(_stage)
 
 
+@main.command("plan")
+@click.argument("stage")
+@click.argument("config", type=click.Path(dir_okay=False), required=False)
+@set_option
+@click.option("--device", default=None, metavar="cuda|cpu", help="The device to plan for [default: this machine's].")
+@click.option("--precision", default=None, metavar="fp32|bf16|fp16",
+              help="Compute precision [default: the config's mixed_precision, `auto` resolved for --device].")
+@click.option("--processes", default="1", show_default=True, metavar="N",
+              help="Data-parallel processes, one device each (each holds a full copy and its micro-batch).")
+@user_errors
+def plan_cmd(stage: str, config: str | None, overrides: tuple[str, ...], device: str | None, precision: str | None,
+             processes: str) -> None:
+    """Estimate the peak memory per device of a training STAGE (sft, rm, ppo, dpo, grpo, ...) with its
+    CONFIG: weights, gradients, AdamW moments, activations (with or without gradient checkpointing),
+    logits, the rollout's KV cache and each PPO model per memory mode. Reads only the models'
+    config.json; no data, no weights. Sequences are taken at their longest (`data.max_length`, RL:
+    the longest prompt + `ppo.response_length`). Method and measured accuracy: docs/performance.md."""
+    from align.config import build_config, config_dict
+    from align.memplan import DEVICES, PRECISIONS, model_facts, plan_lines, stage_plan
+    from align.stages import BY_NAME
+
+    planned = [s.name for s in training_stages()]
+    if stage not in planned:
+        raise AlignError(f"no memory plan for stage '{stage}'; the training stages are {', '.join(planned)}")
+    try:
+        n = int(processes)
+    except ValueError:
+        raise AlignError(f"--processes must be an integer (got {processes!r})") from None
+    if n < 1:
+        raise AlignError(f"--processes must be >= 1 (got {n})")
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in DEVICES:
+        raise AlignError(f"--device must be one of {', '.join(DEVICES)} (got {device!r})")
+    if precision is not None and precision not in PRECISIONS:
+        raise AlignError(f"--precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
+    registered = BY_NAME[stage]
+    data, _ = config_dict(registered.config, config, overrides, stage=stage)
+    cfg = build_config(registered.config, data)
+    plan = stage_plan(stage, cfg, model_facts(stage, cfg), device=device, precision=precision, processes=n)
+    click.echo("\n".join(plan_lines(plan)))
+
+
 @main.command("eval")
 @click.argument("models", nargs=-1)
 @click.option("-c", "--config", "config", type=click.Path(dir_okay=False), default=None,

@@ -100,12 +100,15 @@ def train_dpo(cfg: DPOStageConfig, resume: bool = False, force: bool = False, dr
                          f"train.grad_accum x processes); lower train.batch_size")
     check_scheduler(t, n_steps, "train")
     if dry_run:
+        from align.memplan import dry_run_line
+
         return {"stage": "dpo", "output_dir": cfg.output_dir, "policy": cfg.model.path + (" (LoRA)" if cfg.lora.enabled
                                                                                            else ""),
                 "reference": "the policy with its adapter disabled" if cfg.lora.enabled and not cfg.reference
                 else reference_path,
                 "data": f"{len(train_rows)} pairs ({dropped} dropped as longer than {d.max_length} tokens); "
-                        f"{len(val_rows)} validation pairs", "steps": n_steps, "pairs_per_step": global_batch}
+                        f"{len(val_rows)} validation pairs", "steps": n_steps, "pairs_per_step": global_batch,
+                "memory": dry_run_line("dpo", cfg)}
 
     from datasets import Dataset
     from transformers import AutoModelForCausalLM

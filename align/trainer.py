@@ -99,12 +99,15 @@ def supervised_plan(name: str, cfg: Any, auto_cls: Any, model_config: Any, repor
                     global_batch: int, merged: bool) -> dict[str, Any]:
     """What an SFT or reward-model run would do (`--dry-run`). Sizes: float32 weights (4 bytes per
     parameter, or per adapter parameter with LoRA) plus AdamW's two moments (8 bytes per trained one)."""
+    from align.memplan import dry_run_line
+
     total, trained = parameter_counts(model_config, auto_cls, cfg.lora, cfg.model.trust_remote_code)
     saved = 4 * (trained if cfg.lora.enabled else total)
     return {"stage": name, "output_dir": cfg.output_dir, "model": cfg.model.path,
             "tokenizer": cfg.model.tokenizer or cfg.model.path, "parameters": total, "trained_parameters": trained,
             "data": report, "steps": n_steps, "global_batch": global_batch, "checkpoint_bytes": saved + 8 * trained,
-            "final_model_bytes": 4 * total if merged or not cfg.lora.enabled else saved}
+            "final_model_bytes": 4 * total if merged or not cfg.lora.enabled else saved,
+            "memory": dry_run_line(name, cfg)}
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -36,17 +36,20 @@ def test_smoke_run_writes_every_result(tmp_path: Path, align_cli: Callable[..., 
 
     sft = result["sft"]
     for key in ("model", "sequence_length", "batch_size", "steps", "tokens_per_sec", "mfu", "peak_flops",
-                "peak_flops_source", "peak_memory_mb", "train_time_sec", "mixed_precision"):
+                "peak_flops_source", "peak_memory_mb", "train_time_sec", "mixed_precision", "memory_plan_mb",
+                "memory_plan_phase", "memory_plan_over_measured"):
         assert key in sft, key
     assert sft["tokens_per_sec"] > 0 and sft["model"]["parameters"] > 0
     assert sft["mfu"] is None  # no peak FLOP/s known for a CPU without --peak-flops
+    assert sft["memory_plan_mb"] > 0 and sft["memory_plan_phase"] == "forward + backward"
 
     for stage in ("ppo", "grpo"):
         assert set(result[stage]) == {"full", "lora"}
         for mode in ("full", "lora"):
             row = result[stage][mode]
-            for key in ("episodes", "steps", "episodes_per_sec", "peak_memory_mb", "train_time_sec"):
+            for key in ("episodes", "steps", "episodes_per_sec", "peak_memory_mb", "train_time_sec", "memory_plan_mb"):
                 assert key in row, (stage, mode, key)
+            assert row["memory_plan_mb"] > 0 and row["memory_plan_over_measured"] is None  # no CUDA peak on CPU
             assert row["episodes_per_sec"] > 0 and math.isfinite(row["episodes_per_sec"])
     assert result["seconds"]["total"] > 0
 

@@ -130,6 +130,16 @@ def peak_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
+def memory_plan(stage: str, cfg: Any, device: torch.device, measured_mb: float | None) -> dict[str, Any]:
+    """align's memory plan (align/memplan.py) for the run, beside the measured allocator peak."""
+    from align.memplan import model_facts, stage_plan
+
+    plan = stage_plan(stage, cfg, model_facts(stage, cfg), device="cuda" if device.type == "cuda" else "cpu")
+    planned = plan.peak_bytes / 2**20
+    return {"memory_plan_mb": planned, "memory_plan_phase": plan.peak_phase.name,
+            "memory_plan_over_measured": planned / measured_mb if measured_mb else None}
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -341,7 +351,8 @@ def bench_sft(device: torch.device, mode: str, work: Path, peak_override: float 
               "mfu_formula": "6 * parameters * tokens_per_sec / peak_flops",
               "peak_memory_mb": peak_mb(), "train_time_sec": summary["train_time_sec"], "wall_sec": wall,
               "mixed_precision": "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no",
-              "batches": report.split("batches: ")[-1].split(";")[0] if "batches: " in report else None}
+              "batches": report.split("batches: ")[-1].split(";")[0] if "batches: " in report else None,
+              **memory_plan("sft", cfg, device, peak_mb())}
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(model_dir, ignore_errors=True)
     return result
@@ -378,7 +389,7 @@ def bench_rl(stage: str, device: torch.device, mode: str, work: Path, model_dir:
                            "episodes_per_sec": steady_rate(rows, "episodes_per_sec"),
                            "episodes_per_sec_overall": summary["episodes"] / max(summary["train_time_sec"], 1e-9),
                            "peak_memory_mb": peak_mb(), "train_time_sec": summary["train_time_sec"], "wall_sec": wall,
-                           "response_length": w["response_length"]}
+                           "response_length": w["response_length"], **memory_plan(stage, cfg, device, peak_mb())}
         shutil.rmtree(out, ignore_errors=True)
     return results
 
