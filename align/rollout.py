@@ -244,14 +244,16 @@ def _param_count(config: Any) -> int:
 
 
 @contextlib.contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Run a block without moving python's, numpy's or torch's global generators: vLLM seeds them
-    all when it starts (`set_random_seed`), which would make a resumed run draw other numbers than
-    the interrupted one."""
+def process_state_kept() -> Iterator[None]:
+    """Start vLLM without changing what the trainer sees: its worker seeds python's, numpy's and
+    torch's global generators (`set_random_seed`, which would make a resumed run draw other numbers
+    than the interrupted one), and the CPU worker replaces `torch.set_num_threads` by a no-op for
+    the whole process (`CPUWorker.init_device`); generators, thread count and the function are put back."""
     import numpy as np
 
     state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
     try:
         yield
     finally:
@@ -260,6 +262,8 @@ def preserved_rng() -> Iterator[None]:
         torch.set_rng_state(state[2])
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)
 
 
 def actor_weights(actor: Any) -> list[tuple[str, torch.Tensor]]:
@@ -306,7 +310,7 @@ class VLLMEngine:
                                   "enable_sleep_mode": settings.sleep} if gpu else {
             "kv_cache_memory_bytes": kv_cache_bytes(settings)}
         self.sleep_mode = gpu and settings.sleep
-        with preserved_rng():
+        with process_state_kept():
             self.llm = LLM(model=settings.model_path, skip_tokenizer_init=True, dtype=dtype, seed=settings.seed,
                            max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
                            generation_config="vllm", logprobs_mode="processed_logprobs", enable_prefix_caching=True,
