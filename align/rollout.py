@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -169,15 +170,16 @@ def engine_dtype(name: str) -> torch.dtype:
 
 
 KV_BLOCK = 32
-"""vLLM's KV block on CPU (tokens, `CPUAttentionBackend`: a multiple of 32); each row may hold one
-part-filled block."""
+"""The KV block the engine is started with on CPU (tokens; vLLM's CPU attention takes multiples of
+32, and its default there is 128, which would leave a short row's block mostly empty)."""
 
 
 def kv_cache_bytes(settings: EngineSettings) -> int:
     """KV cache for a whole rollout batch of full-length rows at once, so the engine never waits
-    or preempts: rows x (max_model_len + one block) x bytes per token."""
+    or preempts: rows x blocks per row, plus vLLM's reserved null block, x block x bytes per token."""
     per_token = kv_bytes_per_token(settings.model_config, engine_dtype(settings.dtype).itemsize)
-    return settings.max_num_seqs * (settings.max_model_len + KV_BLOCK) * per_token
+    blocks = settings.max_num_seqs * math.ceil(settings.max_model_len / KV_BLOCK) + 1
+    return blocks * KV_BLOCK * per_token
 
 
 def _check_vllm(settings: EngineSettings) -> None:
@@ -308,7 +310,7 @@ class VLLMEngine:
         dtype = engine_dtype(settings.dtype)
         kwargs: dict[str, Any] = {"gpu_memory_utilization": settings.gpu_memory_utilization,
                                   "enable_sleep_mode": settings.sleep} if gpu else {
-            "kv_cache_memory_bytes": kv_cache_bytes(settings)}
+            "kv_cache_memory_bytes": kv_cache_bytes(settings), "block_size": KV_BLOCK}
         self.sleep_mode = gpu and settings.sleep
         with process_state_kept():
             self.llm = LLM(model=settings.model_path, skip_tokenizer_init=True, dtype=dtype, seed=settings.seed,

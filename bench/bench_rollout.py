@@ -9,8 +9,9 @@ Both engines sample `--prompts` of the peer's prompts x `--tokens` new tokens at
 temperature (0.7) from the same fp32 weights (`align.rollout`'s engines, exactly as the RL loop
 calls them); each is warmed up with one call, then timed `--runs` times, hf and vllm alternating
 (the order swapped every round). tokens/s = response tokens generated (EOS included) / wall time
-of the generate call; the medians and their ratio are printed, with the engine's start time and
-one weight sync's time. `--compile`: `rollout.enforce_eager: false` (vLLM compiles the model).
+of the generate call, and per CPU-second of this process (`time.process_time`: what a shared,
+loaded machine distorts least); the medians and their ratios are printed, with the engine's start
+time and one weight sync's time. `--compile`: `rollout.enforce_eager: false` (vLLM compiles the model).
 """
 
 from __future__ import annotations
@@ -72,26 +73,32 @@ def main() -> None:
     engines["vllm"].load_weights(model)
     sync = time.perf_counter() - t0
 
-    def timed(name: str) -> float:
-        t0 = time.perf_counter()
+    def timed(name: str) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         r = engines[name].generate(prompts, args.tokens, temperature=args.temperature)
-        return r.response_mask.sum().item() / (time.perf_counter() - t0)
+        n = r.response_mask.sum().item()
+        return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
     torch.manual_seed(args.seed)
     for name in engines:  # warm-up: first-call allocations, lazy imports
         timed(name)
     rates: dict[str, list[float]] = {"hf": [], "vllm": []}
+    cpu: dict[str, list[float]] = {"hf": [], "vllm": []}
     for i in range(args.runs):
         for name in (("hf", "vllm") if i % 2 == 0 else ("vllm", "hf")):
-            rates[name].append(timed(name))
+            wall, busy = timed(name)
+            rates[name].append(wall)
+            cpu[name].append(busy)
     hf, vl = statistics.median(rates["hf"]), statistics.median(rates["vllm"])
+    hf_cpu, vl_cpu = statistics.median(cpu["hf"]), statistics.median(cpu["vllm"])
     import transformers
     import vllm
 
     emit({"bench": "rollout", "hidden": args.hidden, "layers": args.layers, "parameters": count_parameters(model)[1],
           "prompts": len(prompts), "tokens": args.tokens, "threads": args.threads, "compile": args.compile,
           "hf_tokens_per_sec": hf, "vllm_tokens_per_sec": vl, "ratio": vl / hf, "runs_hf": rates["hf"],
-          "runs_vllm": rates["vllm"], "vllm_start_sec": vllm_start, "weight_sync_sec": sync,
+          "runs_vllm": rates["vllm"], "hf_tokens_per_cpu_sec": hf_cpu, "vllm_tokens_per_cpu_sec": vl_cpu,
+          "cpu_ratio": vl_cpu / hf_cpu, "vllm_start_sec": vllm_start, "weight_sync_sec": sync,
           "load_avg": os.getloadavg()[0], "torch": torch.__version__, "transformers": transformers.__version__,
           "vllm": vllm.__version__})
     engines["vllm"].close()
