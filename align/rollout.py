@@ -64,10 +64,8 @@ class EngineSettings:
 
 
 class RolloutEngine(Protocol):
-    """Samples responses for the RL loop; `returns_logprobs` says whether its rollouts carry
-    `sampler_logprobs`."""
-
-    returns_logprobs: bool
+    """Samples responses for the RL loop (its spec's `returns_logprobs` says whether its sampled
+    rollouts carry `sampler_logprobs`)."""
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                  greedy: bool = False) -> Rollout: ...
@@ -87,23 +85,22 @@ class EngineSpec:
     name: str
     check: Callable[[EngineSettings], None]
     build: Callable[[EngineSettings, Any, Any], RolloutEngine]
-    returns_logprobs: bool
-    install: str  # what to install for it ("" when the default install has it)
+    returns_logprobs: bool  # its sampled rollouts carry `sampler_logprobs`
 
 
 ENGINES: dict[str, EngineSpec] = {}
 """Every rollout engine, by name; filled once by `register_engine` below."""
 
 
-def register_engine(name: str, *, check: Callable[[EngineSettings], None], returns_logprobs: bool,
-                    install: str = "") -> Callable[[type], type]:
+def register_engine(name: str, *, check: Callable[[EngineSettings], None],
+                    returns_logprobs: bool) -> Callable[[type], type]:
     """Class decorator: add the engine class (built as `cls(settings, actor, tokenizer)`) to `ENGINES`
     under `name`. A name is registered once; a second registration is an error."""
 
     def decorator(cls: type) -> type:
         if name in ENGINES:
             raise ValueError(f"rollout engine {name!r} is already registered")
-        ENGINES[name] = EngineSpec(name, check, cls, returns_logprobs, install)
+        ENGINES[name] = EngineSpec(name, check, cls, returns_logprobs)
         return cls
 
     return decorator
@@ -127,8 +124,6 @@ def _check_hf(settings: EngineSettings) -> None:
 class HFEngine:
     """`generate` on the live actor (align/generation.py `sample`): the weights it samples with are
     the trained ones, so `load_weights` has nothing to do."""
-
-    returns_logprobs = False
 
     def __init__(self, settings: EngineSettings, actor: Any, tokenizer: Any):
         self.actor, self.tokenizer = actor, tokenizer
@@ -293,12 +288,10 @@ def actor_weights(actor: Any) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-@register_engine("vllm", check=_check_vllm, returns_logprobs=True, install=VLLM_INSTALL)
+@register_engine("vllm", check=_check_vllm, returns_logprobs=True)
 class VLLMEngine:
     """vLLM in the training process. Sampling follows align's settings alone: pure temperature
     sampling (top_k/top_p off), EOS as the only stop, one seed per row from torch's generator."""
-
-    returns_logprobs = True
 
     def __init__(self, settings: EngineSettings, actor: Any, tokenizer: Any):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

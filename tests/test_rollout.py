@@ -120,7 +120,6 @@ class OffsetEngine:
     """HF sampling, with `sampler_logprobs` = the trainer's teacher-forced log-probs minus `gaps`
     (so exp(trainer - sampler) is known per token); records each sampled rollout."""
 
-    returns_logprobs = True
     rollouts: list[Any] = []
 
     def __init__(self, settings: Any, actor: Any, tokenizer: Any):
@@ -156,20 +155,23 @@ def offset_engine(monkeypatch):
     from align import rollout
 
     OffsetEngine.rollouts = []
-    monkeypatch.setitem(rollout.ENGINES, "vllm", rollout.EngineSpec("vllm", lambda s: None, OffsetEngine, True, ""))
+    monkeypatch.setitem(rollout.ENGINES, "vllm", rollout.EngineSpec("vllm", lambda s: None, OffsetEngine, True))
     return OffsetEngine
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("correction", [None, "tis", "mis"])
-def test_the_gap_metrics_and_the_correction_weights_are_the_hand_computed_ones(correction, offset_engine,
+@pytest.mark.parametrize("correction, fused", [(None, False), ("tis", False), ("mis", False), ("tis", True)])
+def test_the_gap_metrics_and_the_correction_weights_are_the_hand_computed_ones(correction, fused, offset_engine,
                                                                                tiny_model_dir, prompts_file,
                                                                                tmp_path):
     """Per step: logprob_diff_mean = (0.05 n_even + 0.2 n_odd) / n, max 0.2, share outside [0.9, 1.1]
-    = n_odd / n; with cap 1.1, TIS weighs even tokens exp(0.05) and odd ones 1.1, MIS 0."""
+    = n_odd / n; with cap 1.1, TIS weighs even tokens exp(0.05) and odd ones 1.1, MIS 0; the same
+    when the old log-probs come from the first update's forward (`ppo.fuse_scoring`)."""
     from align.ppo import train_ppo
 
-    over = {"rollout.engine": "vllm"}
+    over: dict[str, Any] = {"rollout.engine": "vllm"}
+    if fused:
+        over.update({"ppo.mini_batch_size": 16, "ppo.micro_batch_size": 16})
     if correction:
         over.update({"rollout.correction": correction, "rollout.correction_cap": 1.1})
     train_ppo(ppo_config(tmp_path / "run", tiny_model_dir, prompts_file, **over))
