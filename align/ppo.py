@@ -7,8 +7,9 @@ differs is the advantage estimator (align/rl.py's registry) and where the KL goe
 OpenRLHF are built the same way). One step, top to bottom (DESIGN.md; CleanRL's loop; Huang et
 al. 2024, "The N+ Implementation Details of RLHF with PPO"):
 
-1. rollout: the policy samples n responses per prompt (KV cache, batched, left padding), truncated
-   after the first EOS; with dynamic sampling (DAPO) groups whose rewards all match are dropped and
+1. rollout: the policy samples n responses per prompt (KV cache, batched, left padding) through the
+   rollout engine (`rollout.engine`, align/rollout.py: HF generate, or vLLM fed the weights after
+   every update), truncated after the first EOS; with dynamic sampling (DAPO) groups whose rewards all match are dropped and
    more prompts sampled; ReMax also decodes each prompt greedily for its baseline;
 2. score without grad: training scores (raw reward, missing-EOS and overlong penalties, clip), the
    reference log-probs, and (unless the first update's forward covers the rollout) the old
