@@ -597,6 +597,40 @@ class PPOLoopConfig(OptimizerConfig):
         return out
 
 
+ENGINE_NAMES = ("hf", "vllm")
+"""The rollout engines of align/rollout.py's registry, for the config's type (tests check the two agree)."""
+
+
+@dataclass
+class RolloutConfig:
+    """The engine that samples the RL loop's responses (align/rollout.py): transformers' `generate`
+    on the actor itself (`hf`), or vLLM colocated in the training process (`vllm`), fed the actor's
+    weights after every update. The trainer's own log-probs stay the old log-probs either way."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    """`hf`: `generate` on the actor (no extra install). `vllm`: a vLLM engine in the same process,
+    started once per run (`pip install -e .[vllm]`, or the CPU build of docs/scaling.md)."""
+    correction: Literal["tis", "mis"] | None = None
+    """Importance correction for the sampler/trainer gap (Yao et al. 2025), read from the sampler's
+    own log-probs (`vllm` only): each token's policy loss is weighted by w = pi_trainer / pi_sampler
+    of the sampled token under the rollout's weights, `tis` truncated at `correction_cap`, `mis`
+    set to 0 above it. None: no weight (the gap is still logged as `rollout/logprob_diff_*`)."""
+    correction_cap: float = bounded(2.0, gt=0)
+    """The cap C of `correction` (2 in Yao et al. 2025 and verl)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The engine's weight dtype. `auto`: bfloat16 on a GPU that supports it, else float32."""
+    gpu_memory_utilization: float = bounded(0.3, gt=0, le=1)
+    """On a GPU: the share of its memory vLLM may take (weights and KV cache), the rest is the
+    trainer's. Not used on CPU, where `VLLM_CPU_KVCACHE_SPACE` (GiB) sizes the KV cache."""
+    enforce_eager: bool = True
+    """Run vLLM's model eagerly: no torch.compile warm-up, so the engine starts in seconds. false lets
+    vLLM compile it (tens of seconds at start; docs/performance.md measures what it buys)."""
+    sleep: bool = False
+    """On a GPU: put the engine to sleep (vLLM's sleep mode, level 1: KV cache dropped, weights
+    offloaded to CPU) while the trainer updates, and wake it for the next weight sync. Ignored on
+    CPU, where vLLM has no sleep mode."""
+
+
 @dataclass
 class PPOEvalConfig:
     """The held-out evaluation run during training: greedy responses on fixed prompts, scored by
@@ -635,6 +669,7 @@ class RLConfig(Command):
     """Prompt set (any SFT format, or `{prompt}`); `max_length` is the longest prompt kept, and
     `prompt_template` must be SFT's so the actor sees what it was trained on."""
     ppo: PPOLoopConfig = field(default_factory=lambda: PPOLoopConfig(lr=3e-6))
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: PPOEvalConfig = field(default_factory=PPOEvalConfig)
 
     def check(self) -> list[str]:
@@ -660,6 +695,9 @@ class RLConfig(Command):
                                                  "critic.lora unset"))
         if self.critic.warmup_steps >= p.total_episodes // p.rollout_batch_size:
             out.append(bad("critic.warmup_steps", f"({self.critic.warmup_steps}) must be shorter than the run"))
+        if self.rollout.correction and self.rollout.engine == "hf":
+            out.append(bad("rollout.correction", "needs the sampler's own log-probs, and engine 'hf' samples with "
+                                                 "the trainer itself (no gap to correct); set rollout.engine: vllm"))
         return out
 
 

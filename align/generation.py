@@ -31,6 +31,8 @@ class Rollout:
     response_ids:    (B, R) right-padded after the first EOS (EOS included in the response)
     response_mask:   (B, R) 1 on response tokens up to and including EOS
     has_eos:         (B,)   False where the response ran out of room before EOS
+    sampler_logprobs: (B, R) the sampled tokens' log-probs as the rollout engine computed them
+                     (align/rollout.py), 0 on padding; None when the engine gives none (`hf`)
     """
 
     prompt_ids: torch.Tensor
@@ -38,11 +40,13 @@ class Rollout:
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     has_eos: torch.Tensor
+    sampler_logprobs: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> "Rollout":
         """The rows `index` (a minibatch), keeping the padded widths."""
         return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.response_ids[index],
-                       self.response_mask[index], self.has_eos[index])
+                       self.response_mask[index], self.has_eos[index],
+                       None if self.sampler_logprobs is None else self.sampler_logprobs[index])
 
     @property
     def input_ids(self) -> torch.Tensor:  # (B, P + R)
@@ -65,11 +69,14 @@ def cat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         extra = x.new_full((x.shape[0], width - x.shape[1]), value)
         return torch.cat([extra, x] if left else [x, extra], dim=1)
 
+    sampler = None
+    if all(r.sampler_logprobs is not None for r in parts):
+        sampler = torch.cat([pad(r.sampler_logprobs, R, 0, False) for r in parts])
     return Rollout(torch.cat([pad(r.prompt_ids, P, pad_id, True) for r in parts]),
                    torch.cat([pad(r.prompt_mask, P, 0, True) for r in parts]),
                    torch.cat([pad(r.response_ids, R, pad_id, False) for r in parts]),
                    torch.cat([pad(r.response_mask, R, 0, False) for r in parts]),
-                   torch.cat([r.has_eos for r in parts]))
+                   torch.cat([r.has_eos for r in parts]), sampler)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

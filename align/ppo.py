@@ -7,8 +7,9 @@ differs is the advantage estimator (align/rl.py's registry) and where the KL goe
 OpenRLHF are built the same way). One step, top to bottom (DESIGN.md; CleanRL's loop; Huang et
 al. 2024, "The N+ Implementation Details of RLHF with PPO"):
 
-1. rollout: the policy samples n responses per prompt (KV cache, batched, left padding), truncated
-   after the first EOS; with dynamic sampling (DAPO) groups whose rewards all match are dropped and
+1. rollout: the policy samples n responses per prompt (KV cache, batched, left padding) through the
+   rollout engine (`rollout.engine`, align/rollout.py: HF generate, or vLLM fed the weights after
+   every update), truncated after the first EOS; with dynamic sampling (DAPO) groups whose rewards all match are dropped and
    more prompts sampled; ReMax also decodes each prompt greedily for its baseline;
 2. score without grad: training scores (raw reward, missing-EOS and overlong penalties, clip), the
    reference log-probs, and (unless the first update's forward covers the rollout) the old
@@ -42,7 +43,9 @@ from align.modeling import context_length, count_parameters, load_tokenizer, sav
 from align.ops import entropy_from_logits, masked_mean, masked_whiten
 from align.reward import call_reward_function, load_reward_function
 from align.rl import (AdaptiveKLController, AdvantageInput, FixedKLController, agg_loss, clipped_policy_loss,
-                      get_estimator, kl_estimate, value_loss, zero_variance_groups)
+                      get_estimator, kl_estimate, logprob_diff_stats, rollout_correction, value_loss,
+                      zero_variance_groups)
+from align.rollout import RolloutEngine, engine_settings, get_engine
 from align.rundir import finish_model, prepare_run_dir, write_summary
 from align.runtime import (MetricsLogger, NonFiniteGuard, StopRequest, Stopped, check_scheduler, make_accelerator,
                            make_optimizer, make_scheduler, peak_memory_mb, progress, set_seed)
@@ -64,6 +67,7 @@ class Experience:
     kl: torch.Tensor | None = None          # (B, R) per-token KL estimate of the old policy, 0 on padding
     advantages: torch.Tensor | None = None  # (B, R)
     returns: torch.Tensor | None = None     # (B, R) value targets (gae)
+    is_weights: torch.Tensor | None = None  # (B, R) `rollout.correction`: trainer/sampler weight per token
     dropped_groups: int = 0                 # dynamic sampling: zero-variance groups dropped
     topped_up_groups: int = 0               # ... and put back because the rounds ran out
 
@@ -74,8 +78,13 @@ class Experience:
 
 def advantages(exp: Experience, cfg: RLConfig, beta: float, baseline: torch.Tensor | None) -> None:
     """Step 3: the per-token KL of the old policy, then the estimator's advantages (and returns),
-    optionally whitened over the batch's response tokens. Fills `exp.kl/advantages/returns`."""
+    optionally whitened over the batch's response tokens; with `rollout.correction`, the importance
+    weight of each token against the sampler (rl.rollout_correction). Fills `exp.kl/advantages/returns`
+    (and `exp.is_weights`)."""
     p, mask = cfg.ppo, exp.mask
+    if cfg.rollout.correction:
+        exp.is_weights = rollout_correction(exp.logprobs, exp.rollout.sampler_logprobs, mask, cfg.rollout.correction,
+                                            cfg.rollout.correction_cap)
     exp.kl = kl_estimate(exp.logprobs, exp.ref_logprobs, p.kl_kind) * mask
     in_reward = not p.kl_in_loss
     inp = AdvantageInput(exp.scores, mask, p.n_samples_per_prompt, kl=exp.kl if in_reward else None,
@@ -108,6 +117,11 @@ def step_metrics(exp: Experience, stats: dict[str, float], cfg: RLConfig, beta: 
     }
     if cfg.ppo.dynamic_sampling:
         out.update({"rollout/dropped_groups": exp.dropped_groups, "rollout/topped_up_groups": exp.topped_up_groups})
+    if exp.rollout.sampler_logprobs is not None:  # the sampler/trainer gap (one process: the engine runs in one)
+        gap = logprob_diff_stats(exp.logprobs, exp.rollout.sampler_logprobs, mask)
+        out.update({f"rollout/{k}": v.item() for k, v in gap.items()})
+    if exp.is_weights is not None:
+        out["rollout/correction_weight_mean"] = masked_mean(exp.is_weights, mask).item()
     return out
 
 
@@ -125,15 +139,14 @@ def drift_warnings(metrics: dict[str, float], first_length: float, p: Any) -> di
 
 
 @torch.no_grad()
-def evaluate(bundle: ModelBundle, actor: Any, tokenizer: Any, prompts: list[D.Prompt], cfg: RLConfig,
-             gold: Any, accelerator: Any) -> dict[str, float]:
+def evaluate(bundle: ModelBundle, engine: RolloutEngine, tokenizer: Any, prompts: list[D.Prompt], cfg: RLConfig,
+             gold: Any) -> dict[str, float]:
     """Greedy responses on the held-out prompts, scored by the learned reward (raw) and the gold one."""
     p = cfg.ppo
     scores, golds, lengths, eos = [], [], [], []
     for s in range(0, len(prompts), p.rollout_batch_size):
         chunk = prompts[s:s + p.rollout_batch_size]
-        rollout = sharding.sample(accelerator, actor, tokenizer, [q.ids for q in chunk], p.response_length,
-                                  greedy=True)
+        rollout = engine.generate([q.ids for q in chunk], p.response_length, greedy=True)
         texts = decode_responses(tokenizer, rollout)
         raw = [q.text for q in chunk]
         scores.append(bundle.reward.scores(raw, texts, rollout, [tokenizer.decode(q.ids, skip_special_tokens=True)
@@ -209,11 +222,10 @@ class Sampler:
     """Steps 1-2: this process's prompts, sampled and scored. Its position in the prompt order lives
     in the loop's `state` (epoch, batch in epoch), so a resumed run draws the same prompts."""
 
-    def __init__(self, cfg: RLConfig, bundle: ModelBundle, actor: Any, tokenizer: Any, prompts: list[D.Prompt],
-                 state: dict[str, Any], rank: int, world: int, accelerator: Any = None):
-        self.cfg, self.bundle, self.actor, self.tokenizer, self.prompts, self.state = (cfg, bundle, actor, tokenizer,
-                                                                                       prompts, state)
-        self.accelerator = accelerator
+    def __init__(self, cfg: RLConfig, bundle: ModelBundle, actor: Any, engine: RolloutEngine, tokenizer: Any,
+                 prompts: list[D.Prompt], state: dict[str, Any], rank: int, world: int):
+        self.cfg, self.bundle, self.actor, self.engine, self.tokenizer, self.prompts, self.state = (
+            cfg, bundle, actor, engine, tokenizer, prompts, state)
         self.n, self.rank, self.world = cfg.ppo.n_samples_per_prompt, rank, world
         self.per_step = cfg.ppo.rollout_batch_size // self.n * world  # prompts per step, all processes
         self.batches = D.global_batches(len(prompts), self.per_step, cfg.seed, start_epoch=state["epoch"])
@@ -242,8 +254,7 @@ class Sampler:
         spare, dropped, rows_kept = [], 0, 0
         for _ in range(p.max_sampling_rounds if p.dynamic_sampling else 1):
             rows = self.next_prompts()
-            rollout = sharding.sample(self.accelerator, self.actor, self.tokenizer, [q.ids for q in rows],
-                                      p.response_length, temperature=p.temperature)
+            rollout = self.engine.generate([q.ids for q in rows], p.response_length, temperature=p.temperature)
             texts, raw, shaped = self.score(rows, rollout)
             if not p.dynamic_sampling:
                 return Experience(rollout, rows, texts, raw, shaped, self.bundle.reference_logprobs(rollout, self.actor))
@@ -269,8 +280,7 @@ class Sampler:
     def greedy_baseline(self, exp: Experience) -> torch.Tensor:
         """ReMax: the training score of each row's prompt answered greedily (one decode per prompt)."""
         firsts = exp.prompts[::self.n]
-        rollout = sharding.sample(self.accelerator, self.actor, self.tokenizer, [q.ids for q in firsts],
-                                  self.cfg.ppo.response_length, greedy=True)
+        rollout = self.engine.generate([q.ids for q in firsts], self.cfg.ppo.response_length, greedy=True)
         return self.score(firsts, rollout)[2].repeat_interleave(self.n)
 
 
@@ -314,6 +324,8 @@ def update(exp: Experience, cfg: RLConfig, bundle: ModelBundle, t: Trainees, acc
                             advantages(exp, cfg, beta, baseline)
                     pg_mat, pg_stats = clipped_policy_loss(new_logprobs, exp.logprobs[idx], exp.advantages[idx],
                                                            mb_mask, p.clip_eps, p.clip_eps_high, p.clip_c)
+                    if exp.is_weights is not None:  # TIS / MIS: the samples came from the engine's policy
+                        pg_mat = pg_mat * exp.is_weights[idx]
                     if p.kl_in_loss:  # GRPO: beta x KL(policy || reference) per token, in the loss
                         pg_mat = pg_mat + beta * kl_estimate(new_logprobs, exp.ref_logprobs[idx], p.kl_kind) * mb_mask
                     # Without an entropy bonus the entropy is only logged: no graph through a
@@ -392,6 +404,9 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
                          f"{prompts_per_step} prompts x {n} responses (ppo.rollout_batch_size x {world} "
                          "process(es)); lower ppo.rollout_batch_size")
     check_scheduler(p, n_steps, "ppo", (p.lr, cfg.critic.lr) if est.needs_critic or cfg.critic.share_actor else ())
+    engine_spec = get_engine(cfg.rollout.engine)
+    settings = engine_settings(cfg, found["actor"], tokenizer, max(len(q.ids) for q in prompts + eval_prompts), world)
+    engine_spec.check(settings)
     if dry_run:
         return rl_plan(cfg, stage, found, f"{report.kept} prompts ({report.dropped} dropped as longer than "
                        f"{d.max_length} tokens); {len(eval_prompts)} eval prompts", n_steps, global_batch)
@@ -430,9 +445,12 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
         if ckpt is not None:
             print(f"{stage}: resumed from {ckpt} at step {state['step']} (kl_coef {kl_ctl.value:.4g})", flush=True)
 
+    # Started once, on the (restored) actor's weights; the HF engine samples through the launch's
+    # sharding (align/sharding.py), vLLM runs in one process only.
+    engine = engine_spec.build(settings, actor, tokenizer, accelerator)
     logger = MetricsLogger(run, is_main, state["step"] if ckpt is not None else None, accelerator, cfg)
     samples_file = open(run.root / "samples.jsonl", "a", encoding="utf-8") if is_main else None
-    sampler = Sampler(cfg, bundle, actor, tokenizer, prompts, state, accelerator.process_index, world, accelerator)
+    sampler = Sampler(cfg, bundle, actor, engine, tokenizer, prompts, state, accelerator.process_index, world)
     # A sharded actor's forward is collective: every process decodes the eval prompts with it.
     evaluating = is_main or sharding.strategy(accelerator) is not None
 
@@ -440,7 +458,7 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
         """Greedy eval, logged with the compute spent so far (curves at matched compute)."""
         out: dict[str, float] = {}
         if evaluating:
-            out = evaluate(bundle, actor, tokenizer, eval_prompts, cfg, gold, accelerator)
+            out = evaluate(bundle, engine, tokenizer, eval_prompts, cfg, gold)
             out.update(episode=state["episode"], tokens_seen=state["tokens_seen"],
                        tokens_generated=state["tokens_generated"], train_time=time.time() - t_loop)
             logger.log(state["step"], out)
@@ -470,7 +488,8 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
                 advantages(exp, cfg, kl_ctl.value, baseline)
         t_rollout = time.time() - t0
 
-        # ---- 4. updates
+        # ---- 4. updates, then the new weights into the rollout engine (nothing to do for hf)
+        engine.sleep()
         t1 = time.time()
         sums, skipped = update(exp, cfg, bundle, t, accelerator, kl_ctl.value, baseline,
                                train_actor=state["step"] >= cfg.critic.warmup_steps)
@@ -478,6 +497,8 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
             if sched is not None:
                 sched.step()
         t_update = time.time() - t1
+        engine.load_weights(actor)
+        t_sync = time.time() - t1 - t_update
         if not guard.check(float("nan") if skipped else 0.0) and is_main:
             bar.write(f"{stage}: step {state['step'] + 1}: {skipped} update(s) with a non-finite loss or gradient "
                       f"skipped ({guard.in_a_row} step(s) in a row)")
@@ -502,7 +523,8 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
                 "val/num_eos_tokens": accelerator.reduce(exp.rollout.has_eos.sum(), "sum").item(),
                 "lr": t.actor_sched.get_last_lr()[0], "episode": state["episode"], "tokens_seen": state["tokens_seen"],
                 "episodes_per_sec": global_batch / step_time, "tokens_per_sec": step_tokens / step_time,
-                "time/rollout": t_rollout, "time/update": t_update, "peak_memory_mb": peak_memory_mb(),
+                "time/rollout": t_rollout, "time/update": t_update, "time/weight_sync": t_sync,
+                "peak_memory_mb": peak_memory_mb(),
                 "guard/nonfinite_steps": guard.total})
             state["first_response_length"] = state["first_response_length"] or metrics["response_length"]
             flags = drift_warnings(metrics, state["first_response_length"], p)
@@ -530,10 +552,12 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
         if stopping:
             bar.close()
             stop_request.__exit__()
+            engine.close()
             raise Stopped(f"{stage}: stopped at step {state['step']} of {n_steps}; checkpoint saved in "
                           f"{run.checkpoints}, continue with --resume")
     bar.close()
     stop_request.__exit__()
+    engine.close()
 
     # ---- the final policy, then the summary that marks the run complete
     full = sharding.full_state_dicts(accelerator, {"actor": t.actor})["actor"]

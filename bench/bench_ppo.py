@@ -114,6 +114,8 @@ def main() -> None:
           "final_kl": rows[-1]["objective/kl"], "train_time_sec": dt, "step_time_sec": dt / summary["steps"],
           "rollout_time_sec": sum(r["time/rollout"] for r in rows) / len(rows),
           "update_time_sec": sum(r["time/update"] for r in rows) / len(rows),
+          "weight_sync_sec": sum(r["time/weight_sync"] for r in rows) / len(rows),
+          "engine": cfg.rollout.engine,
           "call_time_sec": call_time, "episodes": summary["episodes"]})
 
 
