@@ -101,3 +101,13 @@ def test_a_short_data_recipe_runs_every_stage_then_reuses_them(tmp_path: Path, c
     out = capsys.readouterr().out
     for stage in ("sft", "rm", "sample", "curate", "sft_variants"):
         assert f": {stage}: complete, skipped" in out, out
+
+
+def test_best_of_k_data_leaves_out_empty_responses() -> None:
+    """A model that chooses EOS at once keeps an empty response, which `align sft` refuses: the
+    rejection-sampled data leaves such a prompt out (a full run hit it: recipes/README.md)."""
+    from align.best_of_n import sft_rows
+
+    rows = [{"prompt": "1+1=", "response": "", "score": 3.0}, {"prompt": "2+2=", "response": " \n", "score": 2.0},
+            {"prompt": "3+3=", "response": "6", "score": 1.0}]
+    assert sft_rows(rows) == [rows[2]]
