@@ -101,9 +101,16 @@ def best_of_n(model: Any, tokenizer: Any, prompts: list[D.Prompt], reward: Rewar
                    torch.cat(lengths), torch.cat(eos), tokens, len(prompts) * n)
 
 
+def sft_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that are SFT examples: a kept response that is empty (or whitespace: the model chose
+    EOS at once) is none, and `align sft` refuses it, so its prompt is left out (counted as `empty`)."""
+    return [row for row in rows if row["response"].strip()]
+
+
 def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     """`align sample`: best-of-K responses for every prompt of `cfg.prompts`, written to `cfg.out`
-    as `{prompt, response, score}` lines (SFT data in the `prompt_response` format)."""
+    as `{prompt, response, score}` lines (SFT data in the `prompt_response` format); a prompt whose
+    kept response is empty is left out (`sft_rows`)."""
     from transformers import AutoModelForCausalLM
 
     t0 = time.time()
@@ -123,10 +130,11 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     result = best_of_n(model, tokenizer, prompts, reward, cfg.best_of, cfg.response_length, cfg.temperature,
                        cfg.batch_size)
     out.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"prompt": q.text, "response": r, "score": s}, ensure_ascii=False) + "\n"
-             for q, r, s in zip(prompts, result.responses, result.scores.tolist())]
-    atomic_write_text(out, "".join(lines))
-    return {"prompts": len(prompts), "dropped": report.dropped, "best_of": cfg.best_of,
+    rows = [{"prompt": q.text, "response": r, "score": s}
+            for q, r, s in zip(prompts, result.responses, result.scores.tolist())]
+    kept = sft_rows(rows)
+    atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
+    return {"prompts": len(prompts), "dropped": report.dropped, "empty": len(rows) - len(kept), "best_of": cfg.best_of,
             "mean_best_score": result.scores.mean().item(),
             "mean_sample_score": result.candidate_scores.mean().item(),
             "tokens_generated": result.tokens_generated, "episodes": result.episodes,

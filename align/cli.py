@@ -448,5 +448,40 @@ def sample_cmd(model_path: str, prompts: str, best_of: int, out: str, reward_mod
                f"{s['tokens_generated']:,} tokens generated in {s['wall_time_sec']:.1f}s)")
 
 
+@main.command("curate")
+@click.argument("data")
+@click.option("--out", required=True, help="JSONL file to write the kept records to (must not exist).")
+@click.option("--report", default=None, help="Report file (JSON) [default: <out>.report.json].")
+@click.option("--score-field", default=None, help="Score each record by this numeric field (e.g. score).")
+@click.option("--reward-model", default=None, help="Or score each record with this reward model (an `align rm` run).")
+@click.option("--min-score", default=None, type=float, help="Drop records scoring below this.")
+@click.option("--no-dedup", is_flag=True, help="Keep exact duplicates (after normalising case and whitespace).")
+@click.option("--max-per-prompt", default=None, type=int, help="Keep at most K responses per prompt.")
+@click.option("--target", default=None, type=int,
+              help="Keep exactly N records, covering as many prompts as possible (fewer left: an error).")
+@click.option("--template", default=None,
+              help="With --reward-model: its prompt template [default: the one in its run config].")
+@set_option
+@user_errors
+def curate_cmd(data: str, out: str, report: str | None, score_field: str | None, reward_model: str | None,
+               min_score: float | None, no_dedup: bool, max_per_prompt: int | None, target: int | None,
+               template: str | None, overrides: tuple[str, ...]) -> None:
+    """Filter SFT DATA: a score threshold, deduplication, at most K responses per prompt, then down
+    to a target size; write the kept records as JSONL and a report of what was dropped and why.
+    Steps and sources: align/curate.py. Keys: see CurateConfig in docs/configuration.md."""
+    from align.config import CurateConfig, build_config, parse_override, set_dotted
+    from align.curate import REASONS, curate
+
+    values = {"data": data, "out": out, "report": report, "score_field": score_field, "reward_model": reward_model,
+              "min_score": min_score, "dedup": not no_dedup, "max_per_prompt": max_per_prompt, "target": target,
+              "prompt_template": template}
+    for item in overrides:
+        set_dotted(values, *parse_override(item))
+    r = curate(build_config(CurateConfig, values))
+    why = ", ".join(f"{r[f'dropped/{k}']} {k.replace('_', ' ')}" for k in REASONS if r[f"dropped/{k}"])
+    click.echo(f"curate: kept {r['kept']} of {r['input']} records ({r['prompts_kept']} of {r['prompts_in']} prompts) "
+               f"in {out}; dropped {why or 'none'}")
+
+
 if __name__ == "__main__":
     main()

@@ -880,6 +880,66 @@ class SampleConfig(Command):
 
 
 @dataclass
+class CurateConfig(Command):
+    """`align curate`: SFT data filtered by a score threshold, deduplicated, at most so many responses
+    per prompt, then chosen down to a target size (align/curate.py says how, step by step)."""
+
+    data: str = ""
+    """The SFT data to curate (a .jsonl/.json/.csv/.parquet file of any SFT format). Required."""
+    out: str = ""
+    """The JSONL file to write the kept records to; must not exist yet. Required."""
+    report: str | None = None
+    """Where the report (JSON: counts per reason dropped, examples) goes; default `<out>.report.json`."""
+    format: Literal["auto", "alpaca", "prompt_response", "prompt_completion", "chat"] = "auto"
+    """Record format; `auto` detects it from the first record's keys."""
+    score_field: str | None = None
+    """Score each record by this numeric field of it (e.g. `score`, as `align sample` writes)."""
+    reward_model: str | None = None
+    """Or score each record with this reward model (an `align rm` run); the score is written as `score`."""
+    normalize: bool = True
+    """With `reward_model`: subtract the bias stored with it (`align rm --set normalize_with=...`)."""
+    prompt_template: str | None = None
+    """With `reward_model`: the template its prompts were trained with; None: the one in its run config."""
+    batch_size: int = bounded(64, ge=1)
+    """Records scored per reward-model forward pass."""
+    min_score: float | None = None
+    """Drop records scoring below this (inclusive: a score equal to it is kept). Needs a score."""
+    dedup: bool = True
+    """Drop exact duplicates (prompt and response equal after NFKC, case folding, whitespace collapsing)."""
+    max_per_prompt: int | None = bounded(None, ge=1)
+    """Keep at most this many responses per prompt (the highest-scoring)."""
+    target: int | None = bounded(None, ge=1)
+    """Keep exactly this many records, chosen to cover as many prompts as possible; fewer left is an error."""
+
+    def check(self) -> list[str]:
+        out = _require(self, ["data", "out"])
+        if self.score_field and self.reward_model:
+            out.append("set at most one of config keys 'score_field' and 'reward_model'")
+        if self.min_score is not None and not (self.score_field or self.reward_model):
+            out.append("config key 'min_score' needs a score: set 'score_field' or 'reward_model'")
+        return out
+
+
+@dataclass
+class SFTVariantsConfig(Command):
+    """The `sft_variants` stage of a recipe: several SFT runs, each the recipe's `sft` section with
+    some keys changed (other data, LoRA, ...), compared side by side. Built by the pipeline
+    (align/pipeline.py), not loaded from a file: the recipe's section maps each variant's name to
+    the keys it changes."""
+
+    output_dir: str = ""
+    """The stage's directory: a run directory per variant, `<output_dir>/<name>/`, and summary.json."""
+    variants: dict[str, Any] = field(default_factory=dict)
+    """Name -> its SFTConfig, complete and validated."""
+
+    def check(self) -> list[str]:
+        out = _require(self, ["output_dir"])
+        if not self.variants:
+            out.append("the sft_variants section names no variant")
+        return out
+
+
+@dataclass
 class DPOStageConfig(Command):
     """`align dpo`: Direct Preference Optimization (Rafailov et al. 2023) through TRL's DPOTrainer, from
     the SFT model on the reward model's preference pairs; the reference is the SFT model, frozen."""

@@ -2,8 +2,9 @@
 
 A recipe is one YAML file: shared keys (`output_root`, `seed`, `prompt_template`, ...) and a
 section per stage, named and ordered as in the stage registry (align/stages.py): task,
-init_model, sft, rm, ppo, dpo, grpo, dr_grpo, rloo, reinforce_pp, remax, eval (each optional).
-Each stage writes `<root>/<its output>`.
+init_model, sft, rm, sample, curate, sft_variants, ppo, dpo, grpo, dr_grpo, rloo, reinforce_pp, remax,
+eval (each optional). Each stage writes `<root>/<its output>`. `sft_variants` maps names to the
+keys each variant changes in the `sft` section (align/variants.py).
 
 Stage sections hold the keys of that command's config; what a section leaves out is wired from
 the shared keys and the earlier stages, as each stage's registry entry declares (`inputs`):
@@ -152,6 +153,10 @@ def load_recipe(path: str, overrides: tuple[str, ...] = ()) -> Plan:
         if name == "task":
             plan.stages[name] = _task_section(section, recipe)
             continue
+        if name == "sft_variants":
+            plan.stages[name] = _variants_section(section, _subst(copy.deepcopy(data.get("sft") or {}), root), plan,
+                                                  present)
+            continue
         if name == "eval":
             _wire_eval(section, plan, present)
         elif name == "init_model":  # the recipe seed seeds the initial weights too
@@ -160,6 +165,11 @@ def load_recipe(path: str, overrides: tuple[str, ...] = ()) -> Plan:
             _default(section, "output_dir", str(root / stage.output))
             _default(section, "seed", recipe.seed)
             _default(section, "data.prompt_template", recipe.prompt_template)
+        else:  # a data stage (sample, curate): the recipe's seed and template too
+            keys = {f.name for f in dataclasses.fields(stage.config)}
+            for key, value in (("seed", recipe.seed), ("prompt_template", recipe.prompt_template)):
+                if key in keys:
+                    _default(section, key, value)
         for inp in stage.inputs:
             if inp.stage in present and not (inp.unless and _get(section, inp.unless)):
                 _default(section, inp.key, str(root / S.get_stage(inp.stage).output / inp.file).rstrip("/"))
@@ -167,6 +177,31 @@ def load_recipe(path: str, overrides: tuple[str, ...] = ()) -> Plan:
             _apply_budget(section, stage, recipe.budget_episodes)
         plan.stages[name] = build_config(stage.config, section, prefix=f"{name}.")
     return plan
+
+
+def _variants_section(section: dict[str, Any], sft: dict[str, Any], plan: Plan, present: list[str]) -> Any:
+    """The `sft_variants` section as its config: each variant the `sft` section merged with the
+    variant's keys, wired as the sft stage is, in its own directory (align/variants.py)."""
+    from align.config import SFTConfig, SFTVariantsConfig
+    from align.variants import check_name, merge
+
+    stage, sft_stage = S.get_stage("sft_variants"), S.get_stage("sft")
+    out = plan.root / stage.output
+    sft.pop("output_dir", None)  # the sft run's directory, not a variant's
+    variants = {}
+    for name, changes in section.items():
+        check_name(name)
+        if changes is not None and not isinstance(changes, dict):
+            raise ConfigError(f"recipe key 'sft_variants.{name}' must be a section (the keys it changes)")
+        merged = merge(sft, changes or {})
+        _default(merged, "output_dir", str(out / name))
+        _default(merged, "seed", plan.recipe.seed)
+        _default(merged, "data.prompt_template", plan.recipe.prompt_template)
+        for inp in sft_stage.inputs:
+            if inp.stage in present:
+                _default(merged, inp.key, str(plan.root / S.get_stage(inp.stage).output / inp.file).rstrip("/"))
+        variants[name] = build_config(SFTConfig, merged, prefix=f"sft_variants.{name}.")
+    return build_config(SFTVariantsConfig, {"output_dir": str(out), "variants": variants}, prefix="sft_variants.")
 
 
 def _task_section(section: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
@@ -208,8 +243,17 @@ def _wire_eval(section: dict[str, Any], plan: Plan, present: list[str]) -> None:
     sft = "sft" in present
     if not section.get("models"):
         models = [n for n in present if n == "sft" or S.get_stage(n).method]
-        section["models"] = [str(root / S.get_stage(n).output) for n in models]
-        section.setdefault("names", [f"sft+{n}" if n != "sft" and sft else n for n in models])
+        paths = [str(root / S.get_stage(n).output) for n in models]
+        names = [f"sft+{n}" if n != "sft" and sft else n for n in models]
+        if "sft_variants" in plan.stages:  # each variant beside sft (the baseline stays first)
+            from align.variants import eval_name
+
+            at = 1 if sft else 0
+            variants = plan.stages["sft_variants"].variants
+            paths[at:at] = [v.output_dir for v in variants.values()]
+            names[at:at] = [eval_name(n) for n in variants]
+        section["models"] = paths
+        section.setdefault("names", names)
     if sft:
         _default(section, "reference", str(root / "sft"))
         if plan.stages["sft"].data.validation:

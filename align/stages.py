@@ -131,6 +131,66 @@ def _dpo_inputs(cfg: C.DPOStageConfig, ready: Callable[..., bool]) -> None:
             read_pairs(source, cfg, split)
 
 
+def _sample(cfg: C.SampleConfig, dry_run: bool = False) -> dict[str, Any]:
+    """Best-of-K samples into `cfg.out`, then summary.json beside it (written last: complete)."""
+    from pathlib import Path
+
+    from align import data as D
+    from align.best_of_n import run_sample
+    from align.rundir import RunDir, write_summary
+
+    if dry_run:
+        records, _ = D.read_prompt_records(cfg.prompts, max_samples=cfg.max_samples)
+        return {"stage": "sample", "status": "dry run: prompts checked; nothing sampled",
+                "prompts": len(records), "best_of": cfg.best_of, "out": cfg.out}
+    out = Path(cfg.out)
+    out.unlink(missing_ok=True)  # left by a run cut short before its summary: this stage is not complete
+    summary = run_sample(cfg)
+    write_summary(RunDir(out.parent), {"stage": "sample", **summary})
+    return summary
+
+
+def _sample_inputs(cfg: C.SampleConfig, ready: Callable[..., bool]) -> None:
+    from align import data as D
+
+    if ready(cfg.prompts):
+        D.read_prompt_records(cfg.prompts, max_samples=cfg.max_samples)
+
+
+def _curate(cfg: C.CurateConfig, dry_run: bool = False) -> dict[str, Any]:
+    """`align curate` with its report as the stage's summary.json (written last: complete)."""
+    from pathlib import Path
+
+    from align import data as D
+    from align.curate import curate
+
+    if dry_run:
+        records = D.read_records(cfg.data)
+        return {"stage": "curate", "status": "dry run: data read; nothing written", "records": len(records),
+                "out": cfg.out}
+    Path(cfg.out).unlink(missing_ok=True)  # left by a run cut short before its report
+    return curate(cfg)
+
+
+def _curate_inputs(cfg: C.CurateConfig, ready: Callable[..., bool]) -> None:
+    from align import data as D
+
+    if ready(cfg.data):
+        D.read_records(cfg.data)
+
+
+def _sft_variants(cfg: C.SFTVariantsConfig, dry_run: bool = False) -> dict[str, Any]:
+    from align.variants import train_variants
+
+    return train_variants(cfg, dry_run=dry_run)
+
+
+def _sft_variants_inputs(cfg: C.SFTVariantsConfig, ready: Callable[..., bool]) -> None:
+    from align.variants import check_inputs
+
+    check_inputs(cfg, ready)
+
+
 def _eval(cfg: C.EvalConfig, **kw: Any) -> dict[str, Any]:
     from align.evaluate import evaluate_models
 
@@ -172,6 +232,19 @@ STAGES: tuple[Stage, ...] = (
           "sft", (Input("model.path", "init_model"), *_SFT_DATA), check_inputs=_sft_inputs),
     Stage("rm", C.RMConfig, _rm, "Train a reward model on preference pairs (Bradley-Terry) from a YAML CONFIG.",
           "rm", (*_FROM_SFT, *_PAIRS), check_inputs=_rm_inputs),
+    # Data for SFT variants: best-of-K samples of the SFT model, and curated data; then the variants.
+    # Each writes its files under its own directory (`out`, `report` wired there) and summary.json last.
+    Stage("sample", C.SampleConfig, _sample, "Best-of-K rejection sampling from the SFT model, scored by the reward.",
+          "sample", (Input("model", "sft"), Input("reward_model", "rm", unless="reward_function"),
+                     Input("prompts", "task", "sft_train.jsonl"), Input("out", "sample", "samples.jsonl")),
+          training=False, check_inputs=_sample_inputs),
+    Stage("curate", C.CurateConfig, _curate, "SFT data filtered by score, deduplicated and chosen for prompt "
+          "diversity (align/curate.py).", "curate",
+          (Input("data", "task", "sft_train.jsonl"), Input("reward_model", "rm", unless="score_field"),
+           Input("out", "curate", "curated.jsonl"), Input("report", "curate", "summary.json")),
+          training=False, check_inputs=_curate_inputs),
+    Stage("sft_variants", C.SFTVariantsConfig, _sft_variants, "SFT runs that each change some keys of the sft "
+          "section (align/variants.py).", "sft_variants", training=False, check_inputs=_sft_variants_inputs),
     _rl("ppo", C.PPOConfig, "RLHF with PPO (GAE, a trained critic) from an SFT model and a reward, from a YAML CONFIG."),
     Stage("dpo", C.DPOStageConfig, _dpo, "DPO (TRL's DPOTrainer) from an SFT model on preference pairs, from a YAML CONFIG.",
           "dpo", (*_FROM_SFT, *_PAIRS), method=True, check_inputs=_dpo_inputs),

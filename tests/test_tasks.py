@@ -156,3 +156,21 @@ def test_near_miss_pairs_differ_from_the_correct_answer_in_one_digit(tmp_path):
                  and len(r["chosen"]) == len(r["rejected"])]
     assert all(r["chosen"] != r["rejected"] for r in rows)
     assert 0.4 * len(rows) <= len(one_digit) <= len(rows)  # the near misses (and some forget-carry)
+
+
+def test_a_teacher_answers_the_same_problems_and_changes_no_other_split(tmp_path: Path) -> None:
+    plain = build(tmp_path / "plain", seed=3, **SMALL)
+    taught = build(tmp_path / "taught", seed=3, teacher_p_forget=0.0, **SMALL)
+    assert set(taught) == {*plain, "sft_teacher"}
+    for k in plain:  # the teacher has its own random stream: every other split is byte-identical
+        assert taught[k].read_bytes() == plain[k].read_bytes(), k
+    teacher, raw = read_jsonl(taught["sft_teacher"]), read_jsonl(taught["sft_train"])
+    assert [r["prompt"] for r in teacher] == [r["prompt"] for r in raw]
+    assert gold_reward([r["prompt"] for r in teacher], [r["response"] for r in teacher]) == [1.0] * len(teacher)
+    meta = json.loads((tmp_path / "taught" / "task.json").read_text(encoding="utf-8"))
+    assert meta["teacher_gold_accuracy"] == 1.0 and meta["teacher_p_forget"] == 0.0
+    always_forgets = read_jsonl(build(tmp_path / "bad", seed=3, teacher_p_forget=1.0, **SMALL)["sft_teacher"])
+    assert [r["response"] for r in always_forgets] == [forget_carry(*map(int, r["prompt"][:-1].split("+")))
+                                                       for r in always_forgets]
+    with pytest.raises(ValueError, match="teacher_p_forget must be in"):
+        build(tmp_path / "x", seed=0, teacher_p_forget=1.5, **SMALL)

@@ -127,6 +127,11 @@ def _gold(prompts: list[str], responses: list[str], reverse: bool) -> list[float
     return rewards
 
 
+def _mean_gold(rows: list[dict[str, str]], reverse: bool) -> float | None:
+    gold = _gold([r["prompt"] for r in rows], [r["response"] for r in rows], reverse)
+    return sum(gold) / len(gold) if gold else None
+
+
 def _draw_pairs(
     rng: np.random.Generator,
     n: int,
@@ -185,6 +190,7 @@ def build(
     reverse: bool = False,
     pad: bool = False,
     p_near_miss: float = 0.0,
+    teacher_p_forget: float | None = None,
 ) -> dict[str, Path]:
     """Generate every split of the task into `out_dir` and return their paths.
 
@@ -195,6 +201,10 @@ def build(
                           `p_near_miss` of pairs (any problem) a one-digit near miss
       prompts             {"prompt"}  PPO training prompts
       eval                {"prompt", "answer"}  held-out, distinct problems, correct answers
+      sft_teacher         {"prompt", "response"}  only with `teacher_p_forget`: sft_train's
+                          problems, in its order, answered by a better demonstrator that forgets
+                          the carry with probability `teacher_p_forget` (0: the gold solver), the
+                          "distilled from a better teacher" data of recipes/addition_data.yaml
     Validation splits hold 10% extra examples (at least one), drawn separately.
 
     Eval problems are drawn first and excluded from every other split. Each split has its own
@@ -209,6 +219,9 @@ def build(
         raise ValueError(f"p_forget must be in [0, 1], got {p_forget}")
     if not 0.0 <= p_near_miss <= 1.0:
         raise ValueError(f"p_near_miss must be in [0, 1], got {p_near_miss}")
+    if teacher_p_forget is not None and not (isinstance(teacher_p_forget, (int, float))
+                                             and 0.0 <= teacher_p_forget <= 1.0):
+        raise ValueError(f"teacher_p_forget must be in [0, 1], got {teacher_p_forget!r}")
     sizes = {"n_sft": n_sft, "n_pref": n_pref, "n_prompts": n_prompts, "n_eval": n_eval}
     for name, size in sizes.items():
         if size < 0:
@@ -221,8 +234,9 @@ def build(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    eval_rng, sft_rng, sft_val_rng, pref_rng, pref_val_rng, prompts_rng = (
-        np.random.default_rng(seed).spawn(6)
+    # The teacher's stream is the 7th child: the first six are the same as before it existed.
+    eval_rng, sft_rng, sft_val_rng, pref_rng, pref_val_rng, prompts_rng, teacher_rng = (
+        np.random.default_rng(seed).spawn(7)
     )
 
     eval_pairs = _draw_pairs(eval_rng, n_eval, n_digits, lambda p: True, unique=True)
@@ -250,13 +264,15 @@ def build(
     def n_val(n: int) -> int:
         return max(1, n // 10) if n > 0 else 0
 
-    def sft_rows(rng: np.random.Generator, n: int) -> list[dict[str, str]]:
-        pairs = _draw_pairs(rng, n, n_digits, train_ok)
-        forgets = (rng.random(n) < p_forget).tolist()
+    def answered(pairs: list[Pair], rng: np.random.Generator, p: float) -> list[dict[str, str]]:
+        forgets = (rng.random(len(pairs)) < p).tolist()
         return [
             {"prompt": prompt(a, b, width), "response": write(forget_carry(a, b) if f else correct(a, b))}
             for (a, b), f in zip(pairs, forgets)
         ]
+
+    def sft_rows(rng: np.random.Generator, n: int) -> list[dict[str, str]]:
+        return answered(_draw_pairs(rng, n, n_digits, train_ok), rng, p_forget)
 
     def pref_rows(rng: np.random.Generator, n: int) -> list[dict[str, str]]:
         n_near = int(round(n * p_near_miss))
@@ -272,8 +288,9 @@ def build(
         order = rng.permutation(len(rows)).tolist()
         return [rows[i] for i in order]
 
+    sft_pairs = _draw_pairs(sft_rng, n_sft, n_digits, train_ok)
     splits = {
-        "sft_train": sft_rows(sft_rng, n_sft),
+        "sft_train": answered(sft_pairs, sft_rng, p_forget),
         "sft_val": sft_rows(sft_val_rng, n_val(n_sft)),
         "pref_train": pref_rows(pref_rng, n_pref),
         "pref_val": pref_rows(pref_val_rng, n_val(n_pref)),
@@ -283,6 +300,8 @@ def build(
         ],
         "eval": [{"prompt": prompt(a, b, width), "answer": write(correct(a, b))} for a, b in eval_pairs],
     }
+    if teacher_p_forget is not None:  # sft_train's problems, the teacher's answers
+        splits["sft_teacher"] = answered(sft_pairs, teacher_rng, teacher_p_forget)
     paths = {}
     for name, rows in splits.items():
         paths[name] = out_dir / f"{name}.jsonl"
@@ -298,10 +317,12 @@ def build(
         "reverse": reverse,
         "pad": pad,
         "p_near_miss": p_near_miss,
+        "teacher_p_forget": teacher_p_forget,
         "gold_reward": f"align.tasks.addition:{'gold_reward_reversed' if reverse else 'gold_reward'}",
         **sizes,
         "counts": {name: len(rows) for name, rows in splits.items()},
         "demonstrator_gold_accuracy": sum(gold) / len(gold) if gold else None,
+        **({"teacher_gold_accuracy": _mean_gold(splits["sft_teacher"], reverse)} if "sft_teacher" in splits else {}),
         "eval_carry_fraction": eval_carries / n_eval if n_eval else None,
     }
     _write_atomic(out_dir / "task.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
