@@ -364,13 +364,14 @@ def curves_plot(runs: list[SeedRun], out: Path, s: Summary | None = None) -> Pat
 
     fig = Figure(figsize=(13, 7))
     axes = fig.subplots(len(REWARD_AXES), len(COMPUTE_AXES), squeeze=False)
+    color = {name: f"C{i % 10}" for i, name in enumerate([*curves, *series])}  # one colour per line in every panel
     for r, (y_key, y_point, y_label) in enumerate(REWARD_AXES):
         for c, (x_key, x_point, x_label) in enumerate(COMPUTE_AXES):
             ax = axes[r][c]
             if x_point is not None:
                 for m, points in curves.items():  # its sampling cost, drawn at eval time
                     if y_point in points[0].intervals and x_point in points[0].intervals:
-                        _curve_line(ax, m, points, x_point, y_point)
+                        _curve_line(ax, m, points, x_point, y_point, color=color[m])
             for stage, per_seed in series.items():
                 if not all(x_key in row and y_key in row for rows in per_seed for row in rows):
                     continue  # a run from before the key was logged
@@ -378,8 +379,8 @@ def curves_plot(runs: list[SeedRun], out: Path, s: Summary | None = None) -> Pat
                 # Episodes and tokens are the same at every seed up to dynamic sampling; wall time is not.
                 x = np.array([[row[x_key] for row in rows[:n]] for rows in per_seed], dtype=float).mean(0)
                 y = np.array([[row[y_key] for row in rows[:n]] for rows in per_seed], dtype=float)
-                ax.plot(x, y.mean(0), label=f"sft+{stage}")
-                ax.fill_between(x, y.min(0), y.max(0), alpha=0.2)
+                ax.plot(x, y.mean(0), label=f"sft+{stage}", color=color[stage])
+                ax.fill_between(x, y.min(0), y.max(0), alpha=0.15, color=color[stage])
             ax.set(xlabel=x_label, ylabel=y_label)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Reward at matched compute, {len(runs)} seeds (bands: min-max over seeds; "
@@ -394,12 +395,13 @@ def _gold_curves(s: Summary) -> dict[str, list[CurvePoint]]:
     return {m: points for m, points in s.curves.items() if points and "gold_reward" in points[0].intervals}
 
 
-def _curve_line(ax: Any, model: str, points: list[CurvePoint], x_key: str, y_key: str = "gold_reward") -> None:
+def _curve_line(ax: Any, model: str, points: list[CurvePoint], x_key: str, y_key: str = "gold_reward",
+                color: str | None = None) -> None:
     """A best-of-n curve: `y_key` against `x_key` (kl_bound or a compute/ key), 95% intervals over seeds."""
     x = [p.intervals[x_key].mean for p in points]
     g = [p.intervals[y_key] for p in points]
     ax.errorbar(x, [i.mean for i in g], yerr=[[i.mean - i.low for i in g], [i.high - i.mean for i in g]], fmt="s--",
-                capsize=3, label=f"{model} best-of-n (n = {', '.join(str(p.n) for p in points)})"
+                capsize=3, color=color, label=f"{model} best-of-n (n = {', '.join(str(p.n) for p in points)})"
                 + (", KL bound" if x_key == "kl_bound" else ""))
     for xi, p in zip(x, points):
         ax.annotate(f"n={p.n}", (xi, p.intervals[y_key].mean), xytext=(4, -10), textcoords="offset points",
