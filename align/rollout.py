@@ -94,8 +94,8 @@ ENGINES: dict[str, EngineSpec] = {}
 
 def register_engine(name: str, *, check: Callable[[EngineSettings], None],
                     returns_logprobs: bool) -> Callable[[type], type]:
-    """Class decorator: add the engine class (built as `cls(settings, actor, tokenizer)`) to `ENGINES`
-    under `name`. A name is registered once; a second registration is an error."""
+    """Class decorator: add the engine class (built as `cls(settings, actor, tokenizer, accelerator)`)
+    to `ENGINES` under `name`. A name is registered once; a second registration is an error."""
 
     def decorator(cls: type) -> type:
         if name in ENGINES:
