@@ -12,8 +12,14 @@ import copy
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+# trackio fixes its local store's directory when first imported (`trackio.utils.TRACKIO_DIR`), and a
+# library may import it before tests/test_trackers.py runs: one temporary store for the whole
+# session, set before anything imports it (and never the user's ~/.cache).
+os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="align-tests-trackio-")
 
 import pytest
 import torch

@@ -122,7 +122,7 @@ class OffsetEngine:
 
     rollouts: list[Any] = []
 
-    def __init__(self, settings: Any, actor: Any, tokenizer: Any):
+    def __init__(self, settings: Any, actor: Any, tokenizer: Any, accelerator: Any = None):
         self.actor, self.tokenizer = actor, tokenizer
 
     def generate(self, prompts, max_new_tokens, temperature=1.0, greedy=False):

@@ -49,7 +49,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, make_sf
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_SILENT", "true")
         mp.delenv("WANDB_DIR", raising=False)  # align then puts wandb's files in the run directory
-        mp.setenv("TRACKIO_DIR", str(root / "trackio"))
         mp.setenv("MLFLOW_TRACKING_URI", f"file:{root / 'mlruns'}")
         mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store behind this switch
         train_sft(make_sft_config(root / "sft", {"train.max_steps": 4, "train.eval_every": 2, "train.report_to": names}))
@@ -160,7 +159,7 @@ def test_trackio_local_store_reads_back_metrics_jsonl(runs: dict[str, Any], stag
     from trackio.sqlite_storage import SQLiteStorage
     from trackio.utils import TRACKIO_DIR
 
-    assert Path(TRACKIO_DIR) == runs["root"] / "trackio"  # its local store, never a hub Space
+    assert Path(TRACKIO_DIR) == Path(os.environ["TRACKIO_DIR"])  # its local store (conftest's), never a hub Space
     run = runs["root"] / stage
     got = {}
     for row in SQLiteStorage.get_logs("align", f"{run.parent.name}/{stage}"):

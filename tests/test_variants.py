@@ -46,14 +46,16 @@ def test_the_data_recipe_wires_every_variant_from_the_sft_section(tmp_path: Path
     assert plan.stages["eval"].models[1:] == [v.output_dir for v in variants.values()]
 
 
-def test_the_lora_recipe_differs_from_full_fine_tuning_in_lora_alone(tmp_path: Path) -> None:
+def test_the_lora_recipe_differs_from_full_fine_tuning_in_lora_and_its_lr_alone(tmp_path: Path) -> None:
+    import dataclasses
+
     plan = load_recipe(str(LORA), (f"output_root={tmp_path}",))
     full, variants = plan.stages["sft"], plan.stages["sft_variants"].variants
     assert not full.lora.enabled
     for v in variants.values():
         assert v.lora.enabled and v.lora.target == "all"
-        assert v.data == full.data and v.train.max_steps == full.train.max_steps  # equal data, equal steps
-        assert v.train.batch_size == full.train.batch_size
+        assert v.data == full.data  # equal data
+        assert v.train.lr > full.train.lr and dataclasses.replace(v.train, lr=full.train.lr) == full.train  # equal steps
 
 
 @pytest.mark.parametrize("recipe", [DATA, LORA])
@@ -111,3 +113,11 @@ def test_best_of_k_data_leaves_out_empty_responses() -> None:
     rows = [{"prompt": "1+1=", "response": "", "score": 3.0}, {"prompt": "2+2=", "response": " \n", "score": 2.0},
             {"prompt": "3+3=", "response": "6", "score": 1.0}]
     assert sft_rows(rows) == [rows[2]]
+
+
+def test_the_lora_recipe_runs_the_default_recipes_task_and_sft(tmp_path: Path) -> None:
+    """So its full fine-tuning arm is the default recipe's SFT, and a copy of those runs is reused."""
+    lora = load_recipe(str(LORA), (f"output_root={tmp_path}",))
+    default = load_recipe(str(REPO / "recipes" / "addition.yaml"), (f"output_root={tmp_path}",))
+    for stage in ("task", "init_model", "sft"):
+        assert lora.stages[stage] == default.stages[stage], stage
