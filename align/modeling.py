@@ -336,11 +336,12 @@ def record_base_path(adapter_dir: str | Path, base_path: str) -> None:
 def from_pretrained(auto_cls: Any, src: str, tokenizer: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
     """`auto_cls.from_pretrained(src, output_loading_info=True, **kwargs)`: the model and transformers'
     loading report (missing, unexpected, mismatched keys), except that a LoRA adapter directory is
-    loaded as its base model (`adapter_base`), grown to `tokenizer`'s length, then the adapter.
+    loaded as its base model (`adapter_base`), grown to `tokenizer`'s length, with the adapter
+    merged into it: the model the adapter's run trained, as plain weights.
 
     transformers' own loading of an adapter directory resolves a relative base path against the
-    working directory, and never grows the base's embeddings, so an adapter that carries grown
-    embeddings (see `save_model`) fails on a size mismatch.
+    working directory, and never grows the base's embeddings, so a checkpoint's adapter that
+    carries grown embeddings (see `save_model`) fails there on a size mismatch.
     """
     base = adapter_base(src)
     model, info = auto_cls.from_pretrained(base or src, output_loading_info=True, **kwargs)
