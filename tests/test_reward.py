@@ -77,7 +77,7 @@ def test_the_cli_and_the_pipeline_know_every_registered_stage_and_nothing_else()
     out = subprocess.run([sys.executable, "-m", "align", "--help"], capture_output=True, text=True,
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120).stdout
     listed = {line.split()[0] for line in out.split("Commands:")[1].splitlines() if line.strip()}
-    fixed = {"init-model", "task", "eval", "run", "compare", "generate", "sample", "export"}
+    fixed = {"init-model", "task", "eval", "run", "compare", "generate", "sample", "export", "plan", "curate"}
     assert listed - fixed == {s.name for s in training_stages()}
     from align.pipeline import load_recipe
     from align.config import ConfigError
