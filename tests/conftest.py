@@ -9,6 +9,7 @@ subprocess runs use the same kernels, so their results can be compared exactly.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -53,6 +54,14 @@ def tokenizer(tiny_model_dir: Path) -> Any:
     from align.modeling import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def addition_prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 64 one-digit addition prompts `a+b=` the RL tests sample from."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{a}+{b}="}) + "\n" for a in range(8) for b in range(8)))
+    return path
 
 
 @pytest.fixture(scope="session")

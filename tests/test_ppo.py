@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from align.config import PPOConfig, SFTConfig, from_dict
+from align.config import PPOConfig, SFTConfig, from_dict, set_dotted
 from align.rundir import read_metrics
 
 TEMPLATE = "Q: {prompt}\nA: "
@@ -33,10 +33,8 @@ def sft_model(tiny_model_dir: Path, addition_data: dict[str, Path], tmp_path_fac
 
 
 @pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"{a}+{b}="}) + "\n" for a in range(8) for b in range(8)))
-    return path
+def prompts_file(addition_prompts: Path) -> Path:
+    return addition_prompts
 
 
 def ppo_config(out: Path, sft: Path, prompts: Path, **overrides: Any) -> PPOConfig:
@@ -49,11 +47,7 @@ def ppo_config(out: Path, sft: Path, prompts: Path, **overrides: Any) -> PPOConf
                 "eval_every": 1000, "sample_every": 1000, "save_every": 1000},
     }
     for key, value in overrides.items():
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
+        set_dotted(data, key, value)
     cfg = from_dict(PPOConfig, data)
     cfg.validate()
     return cfg

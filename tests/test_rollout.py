@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from align.config import ConfigError, PPOConfig, build_config
+from align.config import ConfigError, PPOConfig, build_config, set_dotted
 from align.rundir import read_metrics
 
 TEMPLATE = "Q: {prompt}\nA: "
@@ -24,10 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("rollout-prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"{a}+{b}="}) + "\n" for a in range(8) for b in range(8)))
-    return path
+def prompts_file(addition_prompts: Path) -> Path:
+    return addition_prompts
 
 
 def ppo_config(out: Path, model: Path, prompts: Path, **overrides: Any) -> PPOConfig:
@@ -40,11 +37,7 @@ def ppo_config(out: Path, model: Path, prompts: Path, **overrides: Any) -> PPOCo
                 "eval_every": 1000, "sample_every": 1000, "save_every": 1000},
     }
     for key, value in overrides.items():
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
+        set_dotted(data, key, value)
     return build_config(PPOConfig, data)
 
 
