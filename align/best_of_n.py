@@ -32,6 +32,7 @@ from align.config import ModelConfig, SampleConfig
 from align.errors import AlignError
 from align.generation import decode_responses, sample
 from align.modeling import load_pretrained, load_tokenizer, resolve_model_path
+from align.rollout import get_engine, sampling_settings
 from align.rundir import atomic_write_text
 from align.runtime import set_seed
 
@@ -69,9 +70,11 @@ def kl_bound(n: int) -> float:
 
 @torch.no_grad()
 def best_of_n(model: Any, tokenizer: Any, prompts: list[D.Prompt], reward: Reward, n: int, response_length: int,
-              temperature: float = 1.0, batch_size: int = 16) -> BestOfN:
+              temperature: float = 1.0, batch_size: int = 16, engine: Any = None) -> BestOfN:
     """For each prompt, sample n responses at `temperature` and keep the highest-scoring one (the
-    first of equal scores). `batch_size` counts prompts: each generate call holds batch_size x n rows."""
+    first of equal scores). `batch_size` counts prompts: each generate call holds batch_size x n rows.
+    `engine`: the rollout engine that samples (align/rollout.py, started on `model`'s weights);
+    None: HF generate on `model`, which is what the `hf` engine calls."""
     kept, scores, cand, lengths, eos = [], [], [], [], []
     texts_all: list[list[str]] = []
     raw_all, lengths_all = [], []
@@ -79,7 +82,9 @@ def best_of_n(model: Any, tokenizer: Any, prompts: list[D.Prompt], reward: Rewar
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s:s + batch_size]
         rows = [q for q in chunk for _ in range(n)]  # prompt-major: p0 x n, p1 x n, ...
-        rollout = sample(model, tokenizer, [q.ids for q in rows], response_length, temperature=temperature)
+        ids = [q.ids for q in rows]
+        rollout = (engine.generate(ids, response_length, temperature=temperature) if engine is not None
+                   else sample(model, tokenizer, ids, response_length, temperature=temperature))
         texts = decode_responses(tokenizer, rollout)
         # training scores (align/reward.py): the same shaping as the online methods train on
         raw, score = reward.training_scores([q.text for q in rows], texts, rollout,
@@ -122,13 +127,21 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     template = cfg.prompt_template or "{prompt}"
     prompts, report = D.load_prompts(cfg.prompts, "auto", template, tokenizer, cfg.max_prompt_length, "drop",
                                      max_samples=cfg.max_samples)
+    settings = sampling_settings(cfg.engine, path, tokenizer,
+                                 max((len(q.ids) for q in prompts), default=0) + cfg.response_length,
+                                 cfg.batch_size * cfg.best_of, cfg.seed, key="engine",
+                                 shorter="lower batch_size or best_of, or shorten max_prompt_length / response_length")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reward = Reward(tokenizer, device, model=cfg.reward_model, function=cfg.reward_function,
                     normalize=cfg.normalize, key="reward")
     model = load_pretrained(AutoModelForCausalLM, ModelConfig(path=path), tokenizer, trainable=False, device=device)
-    set_seed(cfg.seed)
-    result = best_of_n(model, tokenizer, prompts, reward, cfg.best_of, cfg.response_length, cfg.temperature,
-                       cfg.batch_size)
+    engine = get_engine(cfg.engine).build(settings, model, tokenizer, None)
+    try:
+        set_seed(cfg.seed)
+        result = best_of_n(model, tokenizer, prompts, reward, cfg.best_of, cfg.response_length, cfg.temperature,
+                           cfg.batch_size, engine=engine)
+    finally:
+        engine.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [{"prompt": q.text, "response": r, "score": s}
             for q, r, s in zip(prompts, result.responses, result.scores.tolist())]

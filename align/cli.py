@@ -430,7 +430,8 @@ def sample_cmd(model_path: str, prompts: str, best_of: int, out: str, reward_mod
                reward_function: str | None, template: str | None, max_new_tokens: int, temperature: float,
                batch_size: int, max_samples: int | None, seed: int, overrides: tuple[str, ...]) -> None:
     """Best-of-K rejection sampling: K responses per prompt, the reward's favourite kept, written as
-    {prompt, response, score} JSONL (SFT data). Keys: see SampleConfig in docs/configuration.md."""
+    {prompt, response, score} JSONL (SFT data). Keys: see SampleConfig in docs/configuration.md
+    (`--set engine=vllm` samples through vLLM)."""
     from align.best_of_n import run_sample
     from align.config import SampleConfig, build_config, parse_override, set_dotted
     from align.runinfo import run_prompt_template

@@ -807,6 +807,10 @@ class EvalConfig(Command):
     `best_of_models`: one draw of max(n) samples per prompt, and every n's point estimated from it
     (align/stats.py `best_of_n_estimate`), each with its gold and learned reward, KL bound and
     sampling cost. Written to results.json's `best_of_curves`. Needs a learned reward."""
+    best_of_engine: Literal["hf", "vllm"] = "hf"
+    """The rollout engine that samples the best-of-n candidates (align/rollout.py): `hf`, transformers'
+    `generate`; `vllm`, a vLLM engine in this process, started once per best-of-n model (greedy and
+    `sampled` responses stay HF's). Needs vLLM (docs/scaling.md)."""
 
     def check(self) -> list[str]:
         out = _require(self, ["output_dir", "prompts"])
@@ -869,6 +873,9 @@ class SampleConfig(Command):
     """Sampling temperature."""
     batch_size: int = bounded(16, ge=1)
     """Prompts per generate call (each call samples batch_size x best_of responses)."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """The rollout engine that samples (align/rollout.py): `hf`, transformers' `generate`; `vllm`, a
+    vLLM engine in this process (docs/scaling.md has the install line)."""
     seed: int = seed_field()
     """Seeds the sampling."""
 

@@ -34,8 +34,8 @@ from align.errors import ConfigError
 from align.generation import decode_responses, sample
 from align.modeling import context_length, inspect_model, load_pretrained, load_tokenizer, resolve_model_path
 from align.ops import masked_nll_sum, selective_log_softmax, token_correct
-from align.rundir import atomic_write_text
-from align.rundir import RunDir
+from align.rollout import get_engine, sampling_settings
+from align.rundir import RunDir, atomic_write_text
 from align.runinfo import config_value, read_run_config, read_summary, summary_number
 from align.runtime import peak_memory_mb, set_seed
 
@@ -161,6 +161,15 @@ def evaluate_models(cfg: EvalConfig, dry_run: bool = False) -> dict[str, Any]:
     if cfg.reward_function:
         load_reward_function(cfg.reward_function, "reward_function")
     val_examples = validation_examples(cfg, tokenizer) if cfg.validation else []
+    # The best-of-n sampler of each model that gets one, checked before any weight loads.
+    best_of_names = (cfg.best_of_models or names[:1]) if cfg.best_of is not None or cfg.best_of_curve else []
+    longest = max((len(q.ids) for q in prompts), default=0) + cfg.response_length
+    samplers = {name: sampling_settings(cfg.best_of_engine, path, tokenizer, longest,
+                                        cfg.batch_size * max(cfg.best_of or 1, *(cfg.best_of_curve or [1])), cfg.seed,
+                                        key="best_of_engine",
+                                        shorter="lower batch_size or the best-of n, or shorten max_prompt_length / "
+                                                "response_length")
+                for name, path in zip(names, paths) if name in best_of_names}
     if dry_run:
         return {"stage": "eval", "output_dir": cfg.output_dir, "models": ", ".join(f"{n} ({m})" for n, m in
                                                                                 zip(names, cfg.models)),
@@ -233,10 +242,17 @@ def evaluate_models(cfg: EvalConfig, dry_run: bool = False) -> dict[str, Any]:
                         "responses": f"responses/{name}.jsonl"})
         print(f"eval: {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
         base = results[-1]
-        if cfg.best_of is not None and name in (cfg.best_of_models or names[:1]):
-            results.append(evaluate_best_of_n(model, tokenizer, prompts, reward, gold, cfg, name, base, out))
-        if cfg.best_of_curve is not None and name in (cfg.best_of_models or names[:1]):
-            curves.append(evaluate_best_of_curve(model, tokenizer, prompts, reward, gold, cfg, name, base, out))
+        if name in samplers:
+            engine = get_engine(cfg.best_of_engine).build(samplers[name], model, tokenizer, None)
+            try:
+                if cfg.best_of is not None:
+                    results.append(evaluate_best_of_n(model, tokenizer, prompts, reward, gold, cfg, name, base, out,
+                                                      engine))
+                if cfg.best_of_curve is not None:
+                    curves.append(evaluate_best_of_curve(model, tokenizer, prompts, reward, gold, cfg, name, base,
+                                                         out, engine))
+            finally:
+                engine.close()
     content = {"prompts": cfg.prompts, "n_prompts": len(prompts), "baseline": names[0], "models": results,
                "has_reward": reward is not None, "has_gold": gold is not None,
                "wall_time_sec": time.time() - t0, "peak_memory_mb": peak_memory_mb()}
@@ -247,7 +263,8 @@ def evaluate_models(cfg: EvalConfig, dry_run: bool = False) -> dict[str, Any]:
 
 
 def evaluate_best_of_n(model: Any, tokenizer: Any, prompts: list[D.Prompt], reward: Reward, gold: Any,
-                       cfg: EvalConfig, name: str, base: dict[str, Any], out: Path) -> dict[str, Any]:
+                       cfg: EvalConfig, name: str, base: dict[str, Any], out: Path,
+                       engine: Any = None) -> dict[str, Any]:
     """Best-of-n from `model` as a method of its own: n samples per prompt, the learned reward's
     favourite kept, scored like the greedy responses. Compute is the base model's plus the
     sampling (tokens generated, n x prompts episodes, wall time). KL to the reference is not
@@ -258,7 +275,7 @@ def evaluate_best_of_n(model: Any, tokenizer: Any, prompts: list[D.Prompt], rewa
     t0 = time.time()
     set_seed(cfg.seed)
     result = best_of_n(model, tokenizer, prompts, reward, n, cfg.response_length, cfg.best_of_temperature,
-                       cfg.batch_size)
+                       cfg.batch_size, engine=engine)
     raw = [q.text for q in prompts]
     rows = [{"prompt": t, "response": r, "reward": v} for t, r, v in zip(raw, result.responses, result.scores.tolist())]
     metrics = {"response_length": result.lengths.float().mean().item(),
@@ -284,7 +301,8 @@ def evaluate_best_of_n(model: Any, tokenizer: Any, prompts: list[D.Prompt], rewa
 
 
 def evaluate_best_of_curve(model: Any, tokenizer: Any, prompts: list[D.Prompt], reward: Reward, gold: Any,
-                           cfg: EvalConfig, name: str, base: dict[str, Any], out: Path) -> dict[str, Any]:
+                           cfg: EvalConfig, name: str, base: dict[str, Any], out: Path,
+                           engine: Any = None) -> dict[str, Any]:
     """Best-of-n from `model` for every n of `cfg.best_of_curve`, from one draw of N = max(n)
     samples per prompt: each point is the unbiased estimate over the n-subsets of the N
     (align/stats.py `best_of_n_estimate`; the choice by the training score, as best-of-n makes it,
@@ -300,7 +318,7 @@ def evaluate_best_of_curve(model: Any, tokenizer: Any, prompts: list[D.Prompt], 
     t0 = time.time()
     set_seed(cfg.seed)
     result = best_of_n(model, tokenizer, prompts, reward, big, cfg.response_length, cfg.best_of_temperature,
-                       cfg.batch_size)
+                       cfg.batch_size, engine=engine)
     wall = time.time() - t0
     raw = [q.text for q in prompts]
     choose = result.candidate_scores.tolist()  # (P, N) training scores: what best-of-n picks by

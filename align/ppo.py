@@ -333,22 +333,23 @@ def update(exp: Experience, cfg: RLConfig, bundle: ModelBundle, t: Trainees, acc
                     with contextlib.nullcontext() if p.ent_coef else torch.no_grad():
                         entropy = masked_mean(entropy_from_logits(logits), mb_mask)
                     token_share = mb_mask.sum() * world / mb_tokens.clamp(min=1)
-                    other = -p.ent_coef * entropy
                     step_stats = {"entropy": entropy, **pg_stats}
+                    if p.loss_agg == "token-mean":  # one scale for every term, as PPO has always summed them
+                        pg_loss = masked_mean(pg_mat, mb_mask)
+                        actor_loss = (pg_loss - p.ent_coef * entropy) * token_share
+                    else:  # the micro-batch's part of the minibatch's loss, x world (DDP averages)
+                        pg_loss = agg_loss(pg_mat, mb_mask, p.loss_agg, max_len=p.response_length)
+                        actor_loss = agg_loss(pg_mat, mb_mask, p.loss_agg, global_tokens=mb_tokens,
+                                              global_seqs=mb_seqs, max_len=p.response_length) * world \
+                            - p.ent_coef * entropy * token_share
+                    parts = [(t.actor, actor_loss)]
                     if vpred is not None:
                         vf_loss, vf_stats = value_loss(vpred, exp.values[idx], exp.returns[idx], mb_mask,
                                                        p.value_clip_eps)
-                        other = other + p.vf_coef * vf_loss
+                        # The value loss has the critic's (or the value head's) parameters to itself.
+                        parts.append((t.critic if t.critic is not None else t.head, p.vf_coef * vf_loss * token_share))
                         step_stats.update(vf_loss=vf_loss, vf_clipfrac=vf_stats["clipfrac"])
-                    if p.loss_agg == "token-mean":  # one scale for every term, as PPO has always summed them
-                        pg_loss = masked_mean(pg_mat, mb_mask)
-                        loss = pg_loss + other
-                        accelerator.backward(loss * token_share)
-                    else:  # the micro-batch's part of the minibatch's loss, x world (DDP averages)
-                        pg_loss = agg_loss(pg_mat, mb_mask, p.loss_agg, max_len=p.response_length)
-                        loss = agg_loss(pg_mat, mb_mask, p.loss_agg, global_tokens=mb_tokens, global_seqs=mb_seqs,
-                                        max_len=p.response_length) * world + other * token_share
-                        accelerator.backward(loss)
+                    loss = sharding.backward(accelerator, parts, frozen=() if train_actor else (t.actor,))
                     step_stats["pg_loss"] = pg_loss
                 for k, v in step_stats.items():
                     sums.setdefault(k, []).append(v.detach())

@@ -61,6 +61,8 @@ class EngineSettings:
     enforce_eager: bool = True
     trust_remote_code: bool = False
     world: int = 1  # training processes
+    key: str = "rollout.engine"  # the config key that chose the engine, for error messages
+    shorter: str = "lower ppo.rollout_batch_size or shorten data.max_length / ppo.response_length"  # how to fit
 
 
 class RolloutEngine(Protocol):
@@ -185,12 +187,12 @@ def kv_cache_bytes(settings: EngineSettings) -> int:
 def _check_vllm(settings: EngineSettings) -> None:
     """vLLM installed, the architecture served, the vocabulary the checkpoint's, one process, and a
     KV cache that fits: each a one-line error, before any weight loads."""
-    key = "config key 'rollout.engine'"
+    key = f"config key '{settings.key}'"
     if importlib.util.find_spec("vllm") is None:
         raise AlignError(f"{key}: vllm needs vLLM, which is not installed here; install it with {VLLM_INSTALL}")
     if settings.world > 1:
         raise AlignError(f"{key}: vllm runs colocated in one training process, and this run has {settings.world}; "
-                         "use rollout.engine: hf with several processes")
+                         f"use {settings.key}: hf with several processes")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import vllm
     from vllm import ModelRegistry
@@ -199,12 +201,12 @@ def _check_vllm(settings: EngineSettings) -> None:
     served = set(ModelRegistry.get_supported_archs())
     if not archs or not any(a in served for a in archs):
         raise AlignError(f"{key}: vLLM {vllm.__version__} does not serve {', '.join(archs) or 'this model'} "
-                         f"('{settings.model_path}'); use rollout.engine: hf")
+                         f"('{settings.model_path}'); use {settings.key}: hf")
     declared = settings.model_config.get_text_config().vocab_size
     if settings.vocab_size > declared:
         raise AlignError(f"{key}: the tokenizer has {settings.vocab_size} tokens, more than the {declared} rows of "
                          f"'{settings.model_path}' that vLLM builds (align added a pad token); save the SFT model "
-                         "with its grown vocabulary first, or use rollout.engine: hf")
+                         f"with its grown vocabulary first, or use {settings.key}: hf")
     if not torch.cuda.is_available():
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
@@ -213,7 +215,7 @@ def _check_vllm(settings: EngineSettings) -> None:
         sizes = CPUAttentionBackend.get_supported_head_sizes()
         if head not in sizes:
             raise AlignError(f"{key}: vLLM's CPU attention serves head sizes {', '.join(map(str, sizes))}, and "
-                             f"'{settings.model_path}' has {head}; use rollout.engine: hf")
+                             f"'{settings.model_path}' has {head}; use {settings.key}: hf")
     need = kv_cache_bytes(settings)
     gib = 1024**3
     if torch.cuda.is_available():
@@ -224,8 +226,8 @@ def _check_vllm(settings: EngineSettings) -> None:
         if one_row > room:
             raise AlignError(f"{key}: one row of {settings.max_model_len} tokens needs {one_row / gib:.2f} GiB of KV "
                              f"cache, more than the {max(room, 0) / gib:.2f} GiB left of rollout.gpu_memory_utilization "
-                             f"({settings.gpu_memory_utilization}) after the weights; raise it or shorten "
-                             "data.max_length / ppo.response_length")
+                             f"({settings.gpu_memory_utilization}) after the weights; raise it or "
+                             f"{settings.shorter.split(' or ', 1)[-1]}")
     else:
         import psutil
 
@@ -233,7 +235,7 @@ def _check_vllm(settings: EngineSettings) -> None:
         if need > available:
             raise AlignError(f"{key}: a KV cache for {settings.max_num_seqs} rows of {settings.max_model_len} tokens "
                              f"needs {need / gib:.2f} GiB, more than the {available / gib:.2f} GiB of memory free; "
-                             "lower ppo.rollout_batch_size or shorten data.max_length / ppo.response_length")
+                             f"{settings.shorter}")
 
 
 def _param_count(config: Any) -> int:
@@ -391,3 +393,22 @@ def engine_settings(cfg: Any, model_config: Any, tokenizer: Any, max_prompt_len:
     return EngineSettings(base or path, model_config, tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer),
                           max_prompt_len + cfg.ppo.response_length, cfg.ppo.rollout_batch_size, r.dtype, cfg.seed,
                           r.gpu_memory_utilization, r.sleep, r.enforce_eager, cfg.model.trust_remote_code, world)
+
+
+def sampling_settings(name: str, model_path: str, tokenizer: Any, max_model_len: int, max_rows: int, seed: int,
+                      key: str, shorter: str) -> EngineSettings:
+    """The checked settings of an engine that samples from a saved model rather than a trained actor
+    (best-of-n in `align sample` and `align eval`): vLLM reads the architecture from `model_path`
+    (an adapter's base), and gets the weights of the loaded model by one sync when it starts.
+    `key` names the config key that chose it and `shorter` how to fit a smaller cache, for the
+    check's one-line errors, raised before any weight loads."""
+    from transformers import AutoConfig
+
+    from align.modeling import adapter_base
+
+    base = adapter_base(model_path) or model_path
+    settings = EngineSettings(str(base), AutoConfig.from_pretrained(base), tokenizer.eos_token_id,
+                              tokenizer.pad_token_id, len(tokenizer), max_model_len, max_rows, "auto", seed,
+                              gpu_memory_utilization=0.3, sleep=False, key=key, shorter=shorter)
+    get_engine(name).check(settings)
+    return settings

@@ -22,7 +22,8 @@ ZeRO-3), of the gradients and of the optimizer states (ZeRO-2 and up), and four 
    engine accumulates over exactly the micro-batches the loop gives it (DeepSpeed's own
    `gradient_accumulation_steps` stays 1: align divides each micro-batch's loss itself). The
    engine clips and steps there, so the loops' non-finite guard can stop a diverged DeepSpeed
-   run but not skip one update.
+   run but not skip one update. PPO's actor and critic are two engines, each stepped by the
+   backward of its own part of the loss (`backward`).
 
 Every process loads each model whole (`load_models_whole`); `prepare` shards the trained ones,
 and the frozen reference and reward models stay whole on every process.
@@ -157,12 +158,6 @@ def check_supported(accelerator: Any, *, lora: bool, critic: str | None = None) 
     if critic == "shared":
         raise AlignError(f"critic.share_actor under {name} is not supported yet; use a separate critic "
                          "(critic.share_actor: false)" + (" or DDP" if kind == FSDP else ""))
-    if critic is not None and kind == DEEPSPEED:
-        # accelerate's DeepSpeed integration keeps one engine for `accelerator.backward`; PPO's
-        # actor and critic would need one engine each, stepped from one loss.
-        raise AlignError(f"PPO with a critic under {name} is not supported yet (two trained models need two "
-                         "DeepSpeed engines); use FSDP (configs/accelerate/fsdp2.yaml), DDP, or a critic-free "
-                         "method (grpo, dr_grpo, rloo, reinforce_pp, remax)")
 
 
 def configure_deepspeed(accelerator: Any, micro_batch_size: int, max_grad_norm: float) -> None:
@@ -195,9 +190,38 @@ def accumulating(accelerator: Any, models: list[Any], accumulate: bool) -> Itera
         yield
 
 
+def backward(accelerator: Any, parts: list[tuple[Any, torch.Tensor]], frozen: tuple[Any, ...] = ()) -> torch.Tensor:
+    """The backward of a micro-batch's loss that is a sum of parts, each depending on one prepared
+    model's parameters alone (PPO: the policy loss on the actor, the value loss on the critic);
+    returns the summed loss. `frozen`: models that take no step in this update (PPO's actor while
+    the critic warms up).
+
+    Without DeepSpeed: one backward of the sum (a frozen model's gradients are simply not stepped).
+    Under DeepSpeed each prepared model is an engine of its own, and `accelerator.backward` reaches
+    only the first one prepared (accelerate keeps one `DeepSpeedEngineWrapper`; TRL's PPO trainer
+    wrapped policy and value in one module for this reason). So each engine runs the backward of
+    its own part and, at the accumulation boundary, clips and steps itself, exactly as accelerate
+    drives the first; a frozen engine's part is left out, since its backward would also step it."""
+    loss = parts[0][1]
+    for _, part in parts[1:]:
+        loss = loss + part
+    if strategy(accelerator) != DEEPSPEED:
+        accelerator.backward(loss)
+        return loss
+    from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+
+    first = accelerator.deepspeed_engine_wrapped
+    for model, part in parts:
+        if any(model is f for f in frozen):
+            continue
+        engine = first if model is first.engine else DeepSpeedEngineWrapper(model)
+        engine.backward(part, sync_gradients=accelerator.sync_gradients)
+    return loss
+
+
 def clip_grad_norm(accelerator: Any, model: Any, max_norm: float) -> torch.Tensor:
     """`accelerator.clip_grad_norm_(model.parameters(), max_norm)` as a plain float tensor (FSDP2
-    returns a replicated DTensor, DeepSpeed a float: the norm its engine computed when it clipped
+    returns a replicated DTensor, DeepSpeed a float: the norm that model's engine computed when it clipped
     and stepped inside the last backward).
 
     Under FSDP accelerate 1.15 finds the model by comparing parameter lists with `==`, which
@@ -206,6 +230,11 @@ def clip_grad_norm(accelerator: Any, model: Any, max_norm: float) -> torch.Tenso
     if strategy(accelerator) == FSDP:
         accelerator.unscale_gradients()
         norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norm)
+    elif strategy(accelerator) == DEEPSPEED:
+        # This engine's own norm (accelerate's clip_grad_norm_ returns its first engine's); None
+        # before the engine's first step, as for an actor frozen while the critic warms up.
+        norm = model.get_global_grad_norm()
+        norm = 0.0 if norm is None else norm
     else:
         norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
     if hasattr(norm, "full_tensor"):

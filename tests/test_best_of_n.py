@@ -3,6 +3,7 @@ data; `align eval` reports a best-of-n row with its sampling cost."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -145,3 +146,36 @@ def test_best_of_curve_is_checked() -> None:
         from_dict(EvalConfig, {**base, "best_of_curve": [1, 2]}).validate()
     with pytest.raises(ConfigError, match="every n must be an integer >= 1"):
         from_dict(EvalConfig, {**base, "reward_function": REWARD, "best_of_curve": [0, 2]}).validate()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_a_vllm_sampler_without_vllm_is_one_line_before_any_weight_loads(
+        tiny_model_dir: Path, addition_data: dict[str, Path], tmp_path: Path, align_cli: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`align sample --set engine=vllm` and eval's `best_of_engine: vllm` stop on the engine's check,
+    naming their own key, before a model is loaded and before anything is written."""
+    from align import evaluate
+    from align.errors import AlignError
+    from align.evaluate import evaluate_models
+
+    out = tmp_path / "bon.jsonl"
+    r = align_cli("sample", str(tiny_model_dir), "--prompts", str(addition_data["eval"]), "--out", str(out),
+                  "--reward-function", REWARD, "--template", TEMPLATE, "--set", "engine=vllm",
+                  cwd=Path(__file__).resolve().parent)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "config key 'engine': vllm needs vLLM, which is not installed" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+
+    def no_loading(*a: Any, **k: Any) -> None:
+        raise AssertionError("weights were loaded before the engine's check")
+
+    monkeypatch.setattr(evaluate, "load_pretrained", no_loading)
+    monkeypatch.setattr(evaluate, "Reward", no_loading)
+    cfg = from_dict(EvalConfig, {"output_dir": str(tmp_path / "eval"), "models": [str(tiny_model_dir)],
+                                 "prompts": str(addition_data["eval"]), "prompt_template": TEMPLATE,
+                                 "reward_function": REWARD, "response_length": 4, "best_of_curve": [1, 2],
+                                 "best_of_engine": "vllm"})
+    cfg.validate()
+    with pytest.raises(AlignError, match="config key 'best_of_engine': vllm needs vLLM"):
+        evaluate_models(cfg)
+    assert not (tmp_path / "eval" / "results.json").exists()

@@ -200,3 +200,70 @@ def test_the_check_runs_before_any_weight_loads(tiny_model_dir, prompts_file, tm
     monkeypatch.setattr(ppo, "build_bundle", no_loading)
     with pytest.raises(AlignError, match="head sizes"):
         ppo.train_ppo(ppo_config(tmp_path / "run", tiny_model_dir, prompts_file))
+
+
+def test_best_of_n_samples_through_the_engine(model_dir, prompts_file, tmp_path, align_cli):
+    """Best-of-n with vLLM drawing the candidates: the same seed draws the same candidates, the
+    kept response is the reward's choice among them, the samples are the HF model's distribution
+    (their log-probs are its own, teacher-forced, within 1e-4), and `align sample --set
+    engine=vllm` and eval's `best_of_engine: vllm` run end to end."""
+    from transformers import AutoModelForCausalLM
+
+    from align import data as D
+    from align.best_of_n import best_of_n
+    from align.bundle import response_logits
+    from align.config import EvalConfig, ModelConfig, from_dict
+    from align.evaluate import evaluate_models
+    from align.modeling import load_pretrained, load_tokenizer
+    from align.ops import selective_log_softmax
+    from align.reward import Reward
+    from align.rollout import get_engine, sampling_settings
+    from align.runtime import set_seed
+
+    tok = load_tokenizer(str(model_dir), padding_side="left")
+    prompts, _ = D.load_prompts(str(prompts_file), "auto", TEMPLATE, tok, 16, "drop", max_samples=8)
+    model = load_pretrained(AutoModelForCausalLM, ModelConfig(path=str(model_dir)), tok, trainable=False)
+    reward = Reward(tok, torch.device("cpu"), function="toy_rewards:fraction_of_sevens")
+    n, length = 4, 8
+    settings = sampling_settings("vllm", str(model_dir), tok, 16 + length, len(prompts) * n, 0, key="engine",
+                                 shorter="lower batch_size")
+    engine = get_engine("vllm").build(settings, model, tok, None)
+    try:
+        draws = []
+        for _ in range(2):
+            set_seed(5)
+            draws.append(best_of_n(model, tok, prompts, reward, n, length, temperature=0.7, batch_size=len(prompts),
+                                   engine=engine))
+        set_seed(5)
+        rollout = engine.generate([q.ids for q in prompts for _ in range(n)], length, temperature=0.7)
+    finally:
+        engine.close()
+    first, again = draws
+    assert first.candidates == again.candidates and first.responses == again.responses
+    assert len({t for c in first.candidates for t in c}) > len(prompts), "the engine drew no variety"
+    assert torch.equal(first.scores, first.candidate_scores.max(1).values)
+    for p, cands in enumerate(first.candidates):
+        assert first.responses[p] == cands[int(first.candidate_scores[p].argmax())]
+    with torch.no_grad():
+        logits = response_logits(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_ids.shape[1], 0.7)
+        hf = selective_log_softmax(logits, rollout.response_ids) * rollout.response_mask
+    assert (hf - rollout.sampler_logprobs).abs().max().item() < 1e-4
+
+    out = tmp_path / "bon.jsonl"
+    r = align_cli("sample", str(model_dir), "--prompts", str(prompts_file), "--out", str(out), "--best-of", "3",
+                  "--reward-function", "toy_rewards:fraction_of_sevens", "--template", TEMPLATE, "--max-samples", "6",
+                  "--max-new-tokens", "6", "--set", "engine=vllm", cwd=Path(__file__).resolve().parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(out.read_text().splitlines()) <= 6 and "best-of-3" in r.stdout
+
+    cfg = from_dict(EvalConfig, {"output_dir": str(tmp_path / "eval"), "models": [str(model_dir)],
+                                 "prompts": str(prompts_file), "prompt_template": TEMPLATE, "max_samples": 6,
+                                 "reward_function": "toy_rewards:fraction_of_sevens", "response_length": 6,
+                                 "best_of": 2, "best_of_curve": [1, 2, 4], "best_of_engine": "vllm"})
+    cfg.validate()
+    results = evaluate_models(cfg)
+    points = results["best_of_curves"][0]["points"]
+    assert [p["n"] for p in points] == [1, 2, 4]
+    rewards = [p["metrics"]["reward"] for p in points]
+    assert rewards == sorted(rewards), rewards  # the expected best of more samples is never lower
+    assert {m["name"] for m in results["models"]} == {model_dir.name, f"{model_dir.name} (best-of-2)"}

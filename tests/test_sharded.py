@@ -1,8 +1,8 @@
 """Sharded training in 2 CPU processes over gloo, each strategy launched with its accelerate config
 file (configs/accelerate/): FSDP2, DeepSpeed ZeRO-2 and ZeRO-3.
 
-Each strategy runs one recipe (`align run`: SFT, reward model, GRPO, and PPO with its critic under
-FSDP; DeepSpeed refuses PPO's two trained models, see test_refusals) through `accelerate launch`;
+Each strategy runs one recipe (`align run`: SFT, reward model, PPO with its separate critic, which
+warms up for a step, and GRPO) through `accelerate launch`;
 the run is SIGKILLed at a chosen step of a chosen stage (tests/kill_in_stage.py) and launched again,
 which resumes it. What the finished run must show, against references with the same global batch:
 
@@ -18,9 +18,9 @@ which resumes it. What the finished run must show, against references with the s
   state would miss them by orders of magnitude (each step moves weights by ~1e-3).
 
 Launches are the cost (each starts 2 processes that import torch, transformers and the engine):
-one DDP reference, then two per strategy (killed, resumed). The kills cover both loops: FSDP2 in
-PPO (two optimizers gathered whole), ZeRO-2 in GRPO, ZeRO-3 in the reward model (the supervised
-loop; ZeRO partition files).
+one DDP reference, then two per strategy (killed, resumed). The kills cover both loops: FSDP2 and
+ZeRO-2 in PPO (two optimizers gathered whole; two DeepSpeed engines, each with its partition
+files), ZeRO-3 in the reward model (the supervised loop; ZeRO partition files).
 """
 
 from __future__ import annotations
@@ -50,13 +50,14 @@ RM = {"data": {"max_length": 24},
 RL = {"rollout_batch_size": 4, "mini_batch_size": 2, "micro_batch_size": 1, "response_length": 4,
       "total_episodes": 32, "lr": 1.0e-3, "eval_every": 2, "save_every": 2, "log_every": 1, "mixed_precision": "no"}
 PPO = {**RL, "ppo_epochs": 2}
+CRITIC = {"warmup_steps": 1}  # the actor holds still for the first step: under DeepSpeed its engine must not step
 GRPO = {**RL, "n_samples_per_prompt": 2, "ppo_epochs": 1}
 
 # strategy -> (accelerate config file, recipe stages, kills: STAGE:STEP, one per killed launch)
 STRATEGIES = {
     "fsdp2": ("fsdp2_cpu_2proc.yaml", ("sft", "rm", "ppo", "grpo"), "ppo:3"),
-    "zero2": ("deepspeed_zero2_cpu_2proc.yaml", ("sft", "rm", "grpo"), "grpo:3"),
-    "zero3": ("deepspeed_zero3_cpu_2proc.yaml", ("sft", "rm", "grpo"), "rm:3"),
+    "zero2": ("deepspeed_zero2_cpu_2proc.yaml", ("sft", "rm", "ppo", "grpo"), "ppo:3"),
+    "zero3": ("deepspeed_zero3_cpu_2proc.yaml", ("sft", "rm", "ppo", "grpo"), "rm:3"),
 }
 SUPERVISED_KEYS = ("train/loss", "train/token_accuracy", "train/accuracy", "train/grad_norm", "val/loss",
                    "val/accuracy", "lr")
@@ -71,8 +72,8 @@ def launch(config_file: str, args: list[str], run_align: Callable[..., subproces
                                          str(CONFIGS / config_file)])
 
 
-def rl_section(data: dict[str, Path], sft: Path, rm: Path, ppo: dict[str, Any]) -> dict[str, Any]:
-    return {"model": {"path": str(sft)}, "reward": {"model": str(rm)},
+def rl_section(data: dict[str, Path], sft: Path, rm: Path, ppo: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {**extra, "model": {"path": str(sft)}, "reward": {"model": str(rm)},
             "data": {"train": str(data["prompts"]), "max_length": 24},
             "eval": {"prompts": str(data["eval"]), "max_samples": 4,
                      "gold_reward": "align.tasks.addition:gold_reward"},
@@ -88,7 +89,7 @@ def write_recipe(path: Path, root: Path, stages: tuple[str, ...], model: Path, d
                 "data": {**SFT["data"], "train": str(data["sft_train"]), "validation": str(data["sft_val"])}},
         "rm": {**RM, "model": {"path": str(model)},
                "data": {**RM["data"], "train": str(data["pref_train"]), "validation": str(data["pref_val"])}},
-        "ppo": rl_section(data, refs["sft"] / "model", refs["rm"] / "model", PPO),
+        "ppo": rl_section(data, refs["sft"] / "model", refs["rm"] / "model", PPO, critic=CRITIC),
         "grpo": rl_section(data, refs["sft"] / "model", refs["rm"] / "model", GRPO),
     }
     recipe = {"output_root": str(root), "seed": 0, "prompt_template": TEMPLATE,
@@ -206,10 +207,12 @@ def test_sharded_run_matches_references_and_resumes(strategy: str, references: d
 
     # The sharded optimizer states went where the strategy keeps them: whole in trainer_state.pt
     # (FSDP2, gathered), one ZeRO partition file per process (DeepSpeed).
-    checkpoint = sorted((root / "sft" / "checkpoints").glob("step-*"))[-1]
-    partitions = sorted(p.name for p in checkpoint.glob("optimizer-zero-rank*.pt"))
-    assert partitions == (["optimizer-zero-rank000.pt", "optimizer-zero-rank001.pt"]
-                          if strategy.startswith("zero") else []), partitions
+    # PPO's two engines under DeepSpeed: each optimizer has its own partitions.
+    for stage, names in (("sft", ["optimizer"]), ("ppo", ["actor_opt", "critic_opt"])):
+        checkpoint = sorted((root / stage / "checkpoints").glob("step-*"))[-1]
+        partitions = sorted(p.name for p in checkpoint.glob("*-zero-rank*.pt"))
+        assert partitions == ([f"{n}-zero-rank00{r}.pt" for n in names for r in (0, 1)]
+                              if strategy.startswith("zero") else []), (stage, partitions)
 
 
 def fake_accelerator(kind: str | None, zero_stage: int = 2) -> Any:
@@ -224,8 +227,6 @@ def fake_accelerator(kind: str | None, zero_stage: int = 2) -> Any:
 
 
 @pytest.mark.parametrize("kind, stage, kwargs, message", [
-    ("deepspeed", 3, {"lora": False, "critic": "separate"},
-     "PPO with a critic under DeepSpeed ZeRO-3 is not supported"),
     ("deepspeed", 2, {"lora": False, "critic": "shared"}, "critic.share_actor under DeepSpeed ZeRO-2"),
     ("fsdp", 2, {"lora": False, "critic": "shared"}, "critic.share_actor under FSDP"),
     ("fsdp", 2, {"lora": True}, "LoRA under FSDP is not supported"),
@@ -244,6 +245,7 @@ def test_what_sharding_supports_passes() -> None:
     from align.sharding import check_supported
 
     check_supported(fake_accelerator("fsdp"), lora=False, critic="separate")  # PPO under FSDP
+    check_supported(fake_accelerator("deepspeed", 3), lora=False, critic="separate")  # PPO under ZeRO-3
     check_supported(fake_accelerator("deepspeed", 3), lora=False)  # SFT, RM, critic-free RL
     check_supported(fake_accelerator(None), lora=True, critic="shared")  # DDP: anything
 
