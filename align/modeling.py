@@ -552,21 +552,30 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, merge_lora
     out_dir = Path(out_dir)
     if state_dict is not None and isinstance(model, ScoreModel):  # gathered from the wrapper: `model.` keys
         state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+    inner = model.model if isinstance(model, ScoreModel) else model
+    if merge_lora and state_dict is not None and hasattr(inner, "get_base_model"):
+        # Sharded: merge the gathered weights, not the shards this process holds.
+        inner.get_base_model().save_pretrained(out_dir, safe_serialization=True,
+                                               state_dict=merged_lora_weights(inner, state_dict))
+        tokenizer.save_pretrained(out_dir)
+        return
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    inner = model.model if isinstance(model, ScoreModel) else model
+        inner = model.model if isinstance(model, ScoreModel) else model
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else None
+    gathered = {"state_dict": state_dict} if state_dict is not None else {}
     if base is None:
-        model.save_pretrained(out_dir, safe_serialization=True,
-                              **({"state_dict": state_dict} if state_dict is not None else {}))
+        model.save_pretrained(out_dir, safe_serialization=True, **gathered)
     elif vocabulary_grown(base) and standalone:
         base_dir = out_dir / GROWN_BASE_DIR
-        base.save_pretrained(base_dir, safe_serialization=True, state_dict=_base_weights(base))
+        weights = base.state_dict() if state_dict is None else _unprefixed(state_dict)
+        base.save_pretrained(base_dir, safe_serialization=True, state_dict=_base_weights(weights))
         tokenizer.save_pretrained(base_dir)
-        model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
+        inner.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False, **gathered)
         record_base_path(out_dir, str(base_dir))
     else:
-        model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=vocabulary_grown(base))
+        inner.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=vocabulary_grown(base),
+                              **gathered)
         record_base_path(out_dir, base.name_or_path)
     tokenizer.save_pretrained(out_dir)
 
@@ -575,15 +584,54 @@ GROWN_BASE_DIR = "base"
 """Inside an adapter's model directory: its base with the embeddings align grew (see `save_model`)."""
 
 
-def _base_weights(base: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights of a peft-wrapped model without its adapters, under the model's own names:
-    LoRA tensors dropped, `<layer>.base_layer.weight` -> `<layer>.weight`, and for a trained head
-    (peft's modules_to_save) the original module's copy."""
+PEFT_PREFIX = "base_model.model."
+"""What a peft model's state dict puts before the base model's own names."""
+
+
+def _unprefixed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A peft model's (gathered) state dict under its base model's state-dict names."""
+    return {k.removeprefix(PEFT_PREFIX): v for k, v in state.items()}
+
+
+def _base_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights of a peft-wrapped model without its adapters, from its base model's state dict
+    (`get_base_model().state_dict()`), under the model's own names: LoRA tensors dropped,
+    `<layer>.base_layer.weight` -> `<layer>.weight`, and for a trained head (peft's
+    modules_to_save) the original module's copy."""
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in base.state_dict().items():
+    for name, tensor in state.items():
         if "lora_" in name or ".modules_to_save." in name:
             continue
         out[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor
+    return out
+
+
+def merged_lora_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What `merge_and_unload` would leave, computed from the peft model's full state dict `state`
+    (gathered from shards: the modules' own parameters are only this process's part) and the
+    adapter settings of its LoRA layers: W + scaling * B A per adapted layer, transposed for
+    fan-in-fan-out (GPT-2's Conv1D), as peft's `LoraLayer.get_delta_weight`; for a trained head
+    (modules_to_save) the trained copy. Names are the base model's own."""
+    from peft.tuners.lora import LoraLayer
+
+    adapter = model.active_adapter
+    state = _unprefixed(state)
+    layers = {name: m for name, m in model.get_base_model().named_modules()
+              if isinstance(m, LoraLayer) and adapter in m.lora_A}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if ".lora_" in name or ".original_module." in name:
+            continue
+        name = name.replace(f".modules_to_save.{adapter}.", ".").replace(".base_layer.", ".")
+        layer = name.removesuffix(".weight")
+        if layer in layers:
+            m = layers[layer]
+            if m.use_dora.get(adapter):
+                raise AlignError(f"'{layer}': merging a DoRA adapter from sharded weights is not supported")
+            delta = state[f"{layer}.lora_B.{adapter}.weight"] @ state[f"{layer}.lora_A.{adapter}.weight"]
+            delta = (delta.T if m.fan_in_fan_out else delta) * m.scaling[adapter]
+            tensor = tensor + delta.to(tensor.dtype)
+        out[name] = tensor
     return out
 
 

@@ -377,8 +377,7 @@ def train_ppo(cfg: RLConfig, resume: bool = False, force: bool = False, dry_run:
     stage, n = p.estimator if p.estimator != "gae" else "ppo", p.n_samples_per_prompt
     accelerator = make_accelerator(p.mixed_precision, p.report_to, cfg.output_dir, key="ppo.report_to")
     critic_kind = None if not est.needs_critic else "shared" if cfg.critic.share_actor else "separate"
-    sharding.check_supported(accelerator, lora=cfg.memory_mode == "lora" or (est.needs_critic and cfg.critic.lora),
-                             critic=critic_kind)
+    sharding.check_supported(accelerator, critic=critic_kind)
     is_main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
     set_seed(cfg.seed)
     run = prepare_run_dir(cfg.output_dir, cfg, resume, is_main, force, dry_run)

@@ -145,16 +145,13 @@ def _skip_deepspeed_shm_comm() -> None:
     deepspeed.ops.__compatible_ops__ = compatible
 
 
-def check_supported(accelerator: Any, *, lora: bool, critic: str | None = None) -> None:
+def check_supported(accelerator: Any, *, critic: str | None = None) -> None:
     """What a stage cannot do under the launch's sharding: a one-line error before any weight loads.
     `critic`: the PPO critic's kind (`separate` or `shared`), None without one."""
     kind = strategy(accelerator)
     if kind is None:
         return
     name = "FSDP" if kind == FSDP else f"DeepSpeed ZeRO-{zero_stage(accelerator)}"
-    if lora:
-        raise AlignError(f"LoRA under {name} is not supported yet (the adapter would be saved from sharded "
-                         "weights); train full weights (lora.enabled: false, memory_mode: full) or use DDP")
     if critic == "shared":
         raise AlignError(f"critic.share_actor under {name} is not supported yet; use a separate critic "
                          "(critic.share_actor: false)" + (" or DDP" if kind == FSDP else ""))

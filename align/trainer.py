@@ -63,7 +63,6 @@ def open_stage(cfg: Any, resume: bool, force: bool, dry_run: bool) -> tuple[Any,
     from align.runtime import make_accelerator, set_seed
 
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.report_to, cfg.output_dir)
-    sharding.check_supported(accelerator, lora=cfg.lora.enabled)
     set_seed(cfg.seed)
     run = prepare_run_dir(cfg.output_dir, cfg, resume, accelerator.is_main_process, force, dry_run)
     model_config = inspect_model(cfg.model.path, "model.path", cfg.model.trust_remote_code)

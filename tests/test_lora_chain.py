@@ -109,3 +109,33 @@ def test_a_lora_reward_model_keeps_its_trained_head(tiny_model_dir: Path, tmp_pa
     again.eval()
     with torch.no_grad():
         torch.testing.assert_close(again(IDS, MASK), before, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merging_gathered_weights_is_merge_and_unload(arch: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`merged_lora_weights` (how a sharded run merges its LoRA model: from the full state dict
+    every process gathered) gives what peft's own `merge_and_unload` gives, for a causal LM and a
+    reward model (trained head in modules_to_save) and for GPT-2's fan-in-fan-out Conv1D layers."""
+    from architectures import build_tiny
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from align.modeling import merged_lora_weights
+
+    path = tiny_model_dir if arch == "llama" else build_tiny("gpt2", tmp_path / "gpt2")
+    tokenizer = load_tokenizer(str(path))
+    lora = LoraConfig(enabled=True, r=4, alpha=8, target="all")
+    for auto_cls, kwargs in ((AutoModelForCausalLM, {}), (AutoModelForSequenceClassification,
+                                                          {"task_type": "SEQ_CLS", "num_labels": 1, "new_head_ok": True})):
+        model = load_trainable(auto_cls, ModelConfig(path=str(path)), lora, tokenizer, CPU, None, **kwargs)
+        _perturb_adapter(model, seed=1)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        got = merged_lora_weights(model, state)
+        expected = model.merge_and_unload().state_dict()
+        assert got.keys() == expected.keys(), sorted(got.keys() ^ expected.keys())
+        unmerged = {k.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", "."): v
+                    for k, v in state.items() if ".modules_to_save." not in k}
+        changed = 0
+        for k, v in expected.items():
+            torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6, msg=k)
+            changed += not torch.equal(v, unmerged[k])
+        assert changed > 0, "the adapter changed no weight: the test would pass for any merge"

@@ -52,12 +52,17 @@ RL = {"rollout_batch_size": 4, "mini_batch_size": 2, "micro_batch_size": 1, "res
 PPO = {**RL, "ppo_epochs": 2}
 CRITIC = {"warmup_steps": 1}  # the actor holds still for the first step: under DeepSpeed its engine must not step
 GRPO = {**RL, "n_samples_per_prompt": 2, "ppo_epochs": 1}
+LORA = {"enabled": True, "r": 4, "alpha": 8, "target": "all"}
+"""GRPO trains a LoRA actor everywhere (`memory_mode: lora`: the reference is the actor with its
+adapter off); SFT and the reward model train LoRA where a strategy's `lora` says so (the reward
+model's final model merged from the gathered weights)."""
 
-# strategy -> (accelerate config file, recipe stages, kills: STAGE:STEP, one per killed launch)
+# strategy -> (accelerate config file, recipe stages, kills: STAGE:STEP, one per killed launch,
+#              the supervised stages trained with LoRA)
 STRATEGIES = {
-    "fsdp2": ("fsdp2_cpu_2proc.yaml", ("sft", "rm", "ppo", "grpo"), "ppo:3"),
-    "zero2": ("deepspeed_zero2_cpu_2proc.yaml", ("sft", "rm", "ppo", "grpo"), "ppo:3"),
-    "zero3": ("deepspeed_zero3_cpu_2proc.yaml", ("sft", "rm", "ppo", "grpo"), "rm:3"),
+    "fsdp2": ("fsdp2_cpu_2proc.yaml", ("sft", "rm", "ppo", "grpo"), "ppo:3", ("sft",)),
+    "zero2": ("deepspeed_zero2_cpu_2proc.yaml", ("sft", "rm", "ppo", "grpo"), "ppo:3", ("rm",)),
+    "zero3": ("deepspeed_zero3_cpu_2proc.yaml", ("sft", "rm", "ppo", "grpo"), "rm:3", ("sft", "rm")),
 }
 SUPERVISED_KEYS = ("train/loss", "train/token_accuracy", "train/accuracy", "train/grad_norm", "val/loss",
                    "val/accuracy", "lr")
@@ -81,7 +86,7 @@ def rl_section(data: dict[str, Path], sft: Path, rm: Path, ppo: dict[str, Any], 
 
 
 def write_recipe(path: Path, root: Path, stages: tuple[str, ...], model: Path, data: dict[str, Path],
-                 refs: dict[str, Path]) -> Path:
+                 refs: dict[str, Path], lora: tuple[str, ...] = ()) -> Path:
     """A recipe whose RL stages start from the one-process SFT and reward models (the references'
     inputs), so that they compare with the DDP reference whatever the sharded SFT ended with."""
     sections = {
@@ -90,8 +95,10 @@ def write_recipe(path: Path, root: Path, stages: tuple[str, ...], model: Path, d
         "rm": {**RM, "model": {"path": str(model)},
                "data": {**RM["data"], "train": str(data["pref_train"]), "validation": str(data["pref_val"])}},
         "ppo": rl_section(data, refs["sft"] / "model", refs["rm"] / "model", PPO, critic=CRITIC),
-        "grpo": rl_section(data, refs["sft"] / "model", refs["rm"] / "model", GRPO),
+        "grpo": rl_section(data, refs["sft"] / "model", refs["rm"] / "model", GRPO, memory_mode="lora", lora=LORA),
     }
+    for name in lora:
+        sections[name]["lora"] = LORA
     recipe = {"output_root": str(root), "seed": 0, "prompt_template": TEMPLATE,
               **{name: sections[name] for name in stages}}
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
@@ -125,6 +132,9 @@ def references(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
           "train": {**RM["train"], "batch_size": 8}}
     train_sft(build_config(SFTConfig, sft))
     train_rm(build_config(RMConfig, rm))
+    refs["sft_lora"], refs["rm_lora"] = root / "one" / "sft_lora", root / "one" / "rm_lora"
+    train_sft(build_config(SFTConfig, {**sft, "output_dir": str(refs["sft_lora"]), "lora": LORA}))
+    train_rm(build_config(RMConfig, {**rm, "output_dir": str(refs["rm_lora"]), "lora": LORA}))
 
     ddp_root = root / "ddp"
     recipe = write_recipe(root / "ddp.yaml", ddp_root, ("ppo", "grpo"), tiny_model_dir, data, refs)
@@ -134,9 +144,11 @@ def references(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
 
 
 def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """A model directory's weights: the full model's, or a LoRA adapter's."""
     from safetensors.torch import load_file
 
-    return load_file(str(model_dir / "model.safetensors"))
+    adapter = model_dir / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.is_file() else model_dir / "model.safetensors"))
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -165,7 +177,10 @@ def assert_same_run(run: Path, ref: Path, keys: tuple[str, ...], start: dict[str
     assert summary["steps"] == ref_summary["steps"]
     final, expected = weights(run / "model"), weights(ref / "model")
     assert final.keys() == expected.keys(), sorted(final.keys() ^ expected.keys())
-    assert max_difference(expected, start) > 1e-3, f"{ref.name}: training changed nothing"
+    if (ref / "model" / "adapter_model.safetensors").is_file():  # peft starts every lora_B at 0
+        assert max(v.abs().max().item() for k, v in expected.items() if "lora_B" in k) > 1e-4, ref
+    else:
+        assert max_difference(expected, start) > 1e-3, f"{ref.name}: training changed nothing"
     worst = max_difference(final, expected)
     print(f"\n{run.parent.name} {run.name}: {compared} logged values, the worst at {worst_share:.0%} of its "
           f"tolerance; final weights: worst absolute difference {worst:.1e}")
@@ -176,12 +191,12 @@ def assert_same_run(run: Path, ref: Path, keys: tuple[str, ...], start: dict[str
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_sharded_run_matches_references_and_resumes(strategy: str, references: dict[str, Any], tiny_model_dir: Path,
                                                     align_cli: Callable[..., subprocess.CompletedProcess]) -> None:
-    config_file, stages, kills = STRATEGIES[strategy]
+    config_file, stages, kills, lora = STRATEGIES[strategy]
     if strategy.startswith("zero"):
         pytest.importorskip("deepspeed")
     root = references["root"] / strategy
     recipe = write_recipe(references["root"] / f"{strategy}.yaml", root, stages, tiny_model_dir, references["data"],
-                          references["one"])
+                          references["one"], lora)
     args = [str(REPO / "tests" / "kill_in_stage.py"), str(root / "kills"), kills, "run", str(recipe)]
 
     # Killed once per kill (uncatchably, mid-stage, after a checkpoint); each relaunch resumes the
@@ -201,7 +216,8 @@ def test_sharded_run_matches_references_and_resumes(strategy: str, references: d
     init, sft_start = weights(tiny_model_dir), weights(references["one"]["sft"] / "model")
     for stage in stages:
         if stage in ("sft", "rm"):
-            assert_same_run(root / stage, references["one"][stage], SUPERVISED_KEYS, init, rel=1e-5, abs_=1e-6)
+            ref = references["one"][f"{stage}_lora" if stage in lora else stage]
+            assert_same_run(root / stage, ref, SUPERVISED_KEYS, init, rel=1e-5, abs_=1e-6)
         else:
             assert_same_run(root / stage, references["ddp"][stage], RL_KEYS, sft_start, rel=1e-4, abs_=1e-5)
 
@@ -226,28 +242,27 @@ def fake_accelerator(kind: str | None, zero_stage: int = 2) -> Any:
                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage)))
 
 
-@pytest.mark.parametrize("kind, stage, kwargs, message", [
-    ("deepspeed", 2, {"lora": False, "critic": "shared"}, "critic.share_actor under DeepSpeed ZeRO-2"),
-    ("fsdp", 2, {"lora": False, "critic": "shared"}, "critic.share_actor under FSDP"),
-    ("fsdp", 2, {"lora": True}, "LoRA under FSDP is not supported"),
-    ("deepspeed", 2, {"lora": True}, "LoRA under DeepSpeed ZeRO-2"),
+@pytest.mark.parametrize("kind, stage, message", [
+    ("deepspeed", 2, "critic.share_actor under DeepSpeed ZeRO-2"),
+    ("deepspeed", 3, "critic.share_actor under DeepSpeed ZeRO-3"),
+    ("fsdp", 2, "critic.share_actor under FSDP"),
 ])
-def test_refusals_before_any_weight_loads(kind: str, stage: int, kwargs: dict[str, Any], message: str) -> None:
+def test_refusals_before_any_weight_loads(kind: str, stage: int, message: str) -> None:
     from align.errors import AlignError
     from align.sharding import check_supported
 
     with pytest.raises(AlignError, match=message) as info:
-        check_supported(fake_accelerator(kind, stage), **kwargs)
+        check_supported(fake_accelerator(kind, stage), critic="shared")
     assert "\n" not in str(info.value)
 
 
 def test_what_sharding_supports_passes() -> None:
     from align.sharding import check_supported
 
-    check_supported(fake_accelerator("fsdp"), lora=False, critic="separate")  # PPO under FSDP
-    check_supported(fake_accelerator("deepspeed", 3), lora=False, critic="separate")  # PPO under ZeRO-3
-    check_supported(fake_accelerator("deepspeed", 3), lora=False)  # SFT, RM, critic-free RL
-    check_supported(fake_accelerator(None), lora=True, critic="shared")  # DDP: anything
+    check_supported(fake_accelerator("fsdp"), critic="separate")  # PPO under FSDP
+    check_supported(fake_accelerator("deepspeed", 3), critic="separate")  # PPO under ZeRO-3
+    check_supported(fake_accelerator("deepspeed", 3))  # SFT, RM, critic-free RL
+    check_supported(fake_accelerator(None), critic="shared")  # DDP: anything
 
 
 @pytest.mark.parametrize("env, message", [
