@@ -389,9 +389,54 @@ def chat_segments(rec: Record, tokenizer: Any) -> list[tuple[str, bool]]:
 
 
 def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
+    from jinja2.exceptions import TemplateError
+
     if not getattr(tokenizer, "chat_template", None):
         raise AlignError(f"{where}: chat records need a tokenizer with a chat template, and this one has none")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:  # the template's own `raise_exception` (Gemma: "System role not supported")
+        raise DataError([f"{where}: the tokenizer's chat template refuses this conversation: {e}"]) from None
+
+
+TURN_PROBES: tuple[tuple[dict[str, str], ...], ...] = (
+    ({"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four."}),
+    ({"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2+2?"},
+     {"role": "assistant", "content": "Four."}),
+)
+"""Conversations `turn_end_token` renders to find how the template closes an assistant turn; the
+second for templates that insist on a system turn."""
+
+
+def turn_end_token(tokenizer: Any) -> str | None:
+    """The special token the tokenizer's chat template closes an assistant turn with (Gemma's
+    `<end_of_turn>`, Llama 3's `<|eot_id|>`, ChatML's `<|im_end|>`, Phi-3's `<|end|>`), or None when
+    there is no chat template or the turn ends in plain text.
+
+    Read from the template itself, not from a table of model families: a one-exchange conversation
+    is split as SFT splits records (`chat_segments`), and the trained segment's text after the reply
+    is matched against the tokenizer's special tokens (the longest that starts it, after any
+    whitespace). The tokenizer's EOS plays no part, so this is defined for a tokenizer without one.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    problems: list[str] = []
+    for probe in TURN_PROBES:
+        try:
+            segments = chat_segments(Record("the chat template", {"messages": list(probe)}), tokenizer)
+        except DataError as e:  # the template refuses this probe: try the next
+            problems += e.problems
+            continue
+        turn = next(text for text, trainable in reversed(segments) if trainable)
+        reply = probe[-1]["content"]
+        if reply not in turn:
+            return None
+        rest = turn[turn.index(reply) + len(reply):].lstrip()
+        specials = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+        found = [s for s in specials | set(tokenizer.all_special_tokens) if s and rest.startswith(s)]
+        return max(found, key=len) if found else None
+    raise AlignError(f"the tokenizer's chat template renders no plain user/assistant exchange, so align cannot tell "
+                     f"which token ends an assistant turn ({problems[-1]})")
 
 
 def prompt_text(rec: Record, fmt: str, template: str, tokenizer: Any) -> str:

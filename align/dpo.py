@@ -11,6 +11,8 @@ What is ours and what is TRL's:
    pairs as SFT and RM do; TRL receives plain strings `{prompt, chosen, rejected}`, which it does
    not re-template (only conversational records go through a chat template). It tokenizes prompt
    and prompt+answer with the tokenizer's own special tokens (so the same BOS as ours) and appends EOS;
+   conversational answers end with the template's turn end instead, which becomes EOS as in chat SFT
+   (`align.modeling.stop_at_turn_end`);
 2. ours: load policy and reference (dedicated pad token, dropout off), the LoRA config;
 3. TRL: the loss, batching, optimisation, checkpoints (`checkpoints/checkpoint-N`);
 4. ours: metrics.jsonl in our names, model/ and summary.json (align/trl_stages.py).
@@ -24,7 +26,7 @@ from typing import Any
 from align import data as D
 from align.config import DPOStageConfig
 from align.errors import AlignError
-from align.modeling import inspect_model, load_pretrained, load_tokenizer, peft_lora_config
+from align.modeling import inspect_model, load_pretrained, load_tokenizer, peft_lora_config, stop_at_turn_end
 from align.checkpoint import load_trainer_state, resume_point
 from align.rundir import prepare_run_dir
 from align.runtime import MetricsLogger, check_scheduler, make_accelerator, scheduler_kwargs, set_seed
@@ -91,6 +93,9 @@ def train_dpo(cfg: DPOStageConfig, resume: bool = False, force: bool = False, dr
         val_records = read_pairs(d.validation, cfg, d.validation_split)
     else:
         train_records, val_records = D.split_validation(train_records, d.val_fraction, cfg.seed)
+    # Conversational pairs end each answer with the template's turn end, as chat SFT does: make it EOS.
+    chat = any(isinstance(r.fields["chosen"], list) for r in train_records + val_records)
+    stop = stop_at_turn_end(tokenizer) if chat else None
     train_rows, dropped = preference_rows(train_records, d.prompt_template, tokenizer, d.max_length, d.truncation)
     val_rows, _ = preference_rows(val_records, d.prompt_template, tokenizer, d.max_length, d.truncation)
     global_batch = t.batch_size * t.grad_accum * accelerator.num_processes
@@ -107,7 +112,8 @@ def train_dpo(cfg: DPOStageConfig, resume: bool = False, force: bool = False, dr
                 "reference": "the policy with its adapter disabled" if cfg.lora.enabled and not cfg.reference
                 else reference_path,
                 "data": f"{len(train_rows)} pairs ({dropped} dropped as longer than {d.max_length} tokens); "
-                        f"{len(val_rows)} validation pairs", "steps": n_steps, "pairs_per_step": global_batch,
+                        f"{len(val_rows)} validation pairs" + (f"; {stop}" if stop else ""), "steps": n_steps,
+                "pairs_per_step": global_batch,
                 "memory": dry_run_line("dpo", cfg)}
 
     from datasets import Dataset
@@ -140,6 +146,7 @@ def train_dpo(cfg: DPOStageConfig, resume: bool = False, force: bool = False, dr
     if accelerator.is_main_process:
         print(f"dpo: {len(train_rows)} pairs ({dropped} dropped as longer than {d.max_length} tokens), "
               f"{len(val_rows)} validation pairs; {n_steps} steps of {global_batch} pairs; beta {cfg.beta}; "
-              f"reference: {'the policy without its adapter' if reference is None else reference_path}", flush=True)
+              f"reference: {'the policy without its adapter' if reference is None else reference_path}"
+              + (f"; {stop}" if stop else ""), flush=True)
     return train_and_finish(trainer, run, logger, callback, tokenizer, ckpt, cfg.lora.merge,
                             {"stage": "dpo", "pairs": len(train_rows), "examples": n_steps * global_batch}, t_start)

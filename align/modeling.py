@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from align.config import LoraConfig, ModelConfig
+from align.data import turn_end_token
 from align.errors import AlignError
 from align.rundir import ADAPTER_BASE_FILE
 
@@ -251,13 +252,59 @@ def load_tokenizer(path: str, padding_side: str = "right", key: str | None = Non
     if tok.eos_token_id is None:
         raise AlignError(f"{where}tokenizer '{path}' has no EOS token; responses could never end")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        reusable = unused_pad_token(tok)
-        if reusable is not None:
-            tok.pad_token = reusable
-        else:
-            tok.add_special_tokens({"pad_token": PAD_TOKEN})
+        give_pad_token(tok)
     tok.padding_side = padding_side
     return tok
+
+
+def give_pad_token(tok: Any) -> None:
+    """Set a pad token other than EOS: an unused one of the vocabulary, else `PAD_TOKEN`, added."""
+    reusable = unused_pad_token(tok)
+    if reusable is not None:
+        tok.pad_token = reusable
+    else:
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+
+
+def stop_at_turn_end(tok: Any) -> str | None:
+    """Make the token the chat template closes an assistant turn with (`data.turn_end_token`) the
+    tokenizer's EOS, when it is another token; return a line saying so, or None when nothing changed
+    (EOS already closes the turn, as Llama 3's `<|eot_id|>` and Qwen's `<|im_end|>` do, or the turn
+    ends in plain text). Called where a stage trains on chat records, before the model loads.
+
+    Why: chat SFT trains on the template's turn end, while align samples, truncates, penalises a
+    missing EOS and reads rewards by `eos_token_id` alone. Gemma closes turns with `<end_of_turn>`
+    (EOS is `<eos>`), Phi-3 with `<|end|>`: left alone, the trained model stops at a token it never
+    learnt to emit. The tokenizer saved with the model (full weights or adapter) carries the new EOS,
+    so every later stage stops at it. LLaMA-Factory's templates do the same (`replace_eos` with the
+    template's stop word), and TRL's `clone_chat_template` sets the template's EOS on tokenizer and
+    model. The pad token is chosen again if it was this token (EOS never pads); the old EOS stays a
+    stop token of the model's configs (`stop_at_eos`).
+    """
+    end = turn_end_token(tok)
+    if end is None or end == tok.eos_token:
+        return None
+    old = tok.eos_token
+    tok.eos_token = end
+    if tok.pad_token_id == tok.eos_token_id:
+        give_pad_token(tok)
+    return (f"EOS is now {end!r}, the token the chat template closes assistant turns with "
+            f"({f'was {old!r}' if old else 'there was none'})")
+
+
+def stop_at_eos(model: Any, tok: Any) -> None:
+    """Put the tokenizer's EOS first among the stop ids of `model.config` and its generation config
+    when they lack it, so tools that read a saved checkpoint's configs (transformers' `generate`,
+    vLLM) stop where align does. Ids already there stay as further stop ids (Gemma's checkpoints list
+    `[<eos>, <end_of_turn>]`); align's own sampling reads the tokenizer alone."""
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is None:
+            continue
+        ids = config.eos_token_id
+        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        if tok.eos_token_id not in ids:
+            ids = [tok.eos_token_id, *ids]
+            config.eos_token_id = ids[0] if len(ids) == 1 else ids
 
 
 def unused_pad_token(tok: Any) -> str | None:
@@ -381,7 +428,8 @@ def load_pretrained(auto_cls: Any, cfg: ModelConfig, tokenizer: Any, *, trainabl
     """Load `auto_cls.from_pretrained(path)` the way every stage wants it.
 
     Trained models keep float32 master weights (mixed precision is accelerate's job); frozen
-    models take `cfg.dtype`. The embedding matrix grows when the tokenizer gained a pad token.
+    models take `cfg.dtype`. The embedding matrix grows when the tokenizer gained a pad token; the
+    configs name the tokenizer's pad and EOS (`stop_at_eos`).
 
     Strict: a tensor of the model that the weights lack, or hold in another shape, is an error
     naming the path and the first tensors (transformers would draw them at random and only warn,
@@ -414,6 +462,7 @@ def load_pretrained(auto_cls: Any, cfg: ModelConfig, tokenizer: Any, *, trainabl
         model.resize_token_embeddings(len(tokenizer))
     if model.config.pad_token_id is None or model.config.pad_token_id != tokenizer.pad_token_id:
         model.config.pad_token_id = tokenizer.pad_token_id
+    stop_at_eos(model, tokenizer)
     if cfg.disable_dropout:
         disable_dropout(model)
     if trainable and cfg.gradient_checkpointing:

@@ -20,7 +20,7 @@ from align import data as D
 from align.checkpoint import resume_point
 from align.config import SFTConfig
 from align.errors import AlignError
-from align.modeling import context_length, load_trainable, packs_exactly
+from align.modeling import context_length, load_trainable, packs_exactly, stop_at_turn_end
 from align.ops import masked_nll_sum, token_correct
 from align.trainer import Stage, check_schedule, fit, open_stage, supervised_plan
 
@@ -44,14 +44,18 @@ def read_sft_records(cfg: SFTConfig) -> tuple[list[D.Record], list[D.Record], st
 def load_sft_examples(cfg: SFTConfig, tokenizer: Any, context: int | None = None
                       ) -> tuple[list[D.Example], list[D.Example], str]:
     """Read, validate and tokenize the train (and validation) records, none longer than the
-    model's `context`. Returns a report line."""
+    model's `context`. Returns a report line. Chat records first make the chat template's
+    turn-closing token the tokenizer's EOS where it is another token (`stop_at_turn_end`: Gemma's
+    `<end_of_turn>`), so the model stops at the token it is trained to end with; the report says so."""
     d = cfg.data
     records, val_records, fmt = read_sft_records(cfg)
+    stop = stop_at_turn_end(tokenizer) if fmt == "chat" else None
     train, train_report = D.tokenize_sft(records, fmt, d.prompt_template, tokenizer, d.max_length, d.truncation,
                                          context)
     val, _ = D.tokenize_sft(val_records, fmt, d.prompt_template, tokenizer, d.max_length, d.truncation,
                             context) if val_records else ([], None)
-    return train, val, f"format {fmt}; train: {train_report}; validation: {len(val)} examples"
+    return train, val, f"format {fmt}; " + (f"{stop}; " if stop else "") + \
+        f"train: {train_report}; validation: {len(val)} examples"
 
 
 def sft_terms(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:

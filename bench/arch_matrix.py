@@ -56,7 +56,8 @@ def render(observed: dict[str, dict[str, str]] | None = None) -> str:
     for arch, f in FAMILIES.items():
         pad = {"missing": "none", "eos": "= EOS", "present": _code(f.pad_token)}[f.pad]
         bos = _code(f.bos) if f.add_bos else "not added"
-        chat = "yes" if f.chat_template else "none"
+        chat = "none" if not f.chat_template else f"turns end with {_code(f.turn_end)}" + (
+            " (EOS)" if f.turn_end == f.eos else ", which chat SFT makes EOS")
         tok_rows.append(f"| {arch} | {_code(f.eos)} | {bos} | {pad} | {chat} |")
     out = [
         "# Architectures",
@@ -95,6 +96,12 @@ def render(observed: dict[str, dict[str, str]] | None = None) -> str:
         "`<|pad|>` and grows the embeddings by one row (`align.modeling.load_tokenizer`); a LoRA run's",
         "final `model/` then holds the grown base in `model/base/`, which its adapter names, so plain",
         "`AutoModelForCausalLM.from_pretrained(model/)` loads it (`align.modeling.save_model`).",
+        "",
+        "Where a chat template closes assistant turns with a special token other than EOS, SFT (and DPO) on",
+        "chat records makes that token the EOS, says so in the stage's first line, and saves the tokenizer",
+        "with it, so every later stage samples, truncates and rewards up to it (`align.modeling.stop_at_turn_end`);",
+        "a saved full model's config and generation config list it among their stop ids (`stop_at_eos`). The",
+        "token is read from the template itself (`align.data.turn_end_token`), not from a table of families.",
         "",
     ]
     return "\n".join(out)

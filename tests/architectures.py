@@ -19,6 +19,9 @@ of digits, letters and '+='), wrapped in `PreTrainedTokenizerFast` with the fami
 | opt        | </s> (= EOS)        | </s>           | <pad>                    | none                   |
 | phi3       | none                | <|endoftext|>  | = EOS                    | Phi-3 (<|user|>, <|end|>) |
 
+Gemma's template closes an assistant turn with `<end_of_turn>` and Phi-3's with `<|end|>`, not with
+EOS (`Family.turn_end`); align's chat SFT makes that token the EOS (`align.modeling.stop_at_turn_end`).
+
 `ARCHS[arch].expected(capability)` says, for each capability in `CAPABILITIES`, what align does
 on it: `pass`, `refused` (a one-line error, its text given) or `xfail` (an align bug, described,
 with the regex its failing assertion matches). tests/test_architectures.py runs every capability
@@ -58,7 +61,8 @@ CAPABILITIES: dict[str, str] = {
     "ppo_full": "`align ppo`, `memory_mode: full`, reward function, critic from the reward model; KL 0 at step 1",
     "ppo_lora": "`align ppo`, `memory_mode: lora` (reference = adapter disabled), LoRA critic; KL 0 at step 1",
     "grpo": "`align grpo` (align's RL loop, 1 step), reward function; the policy reloads",
-    "chat": "chat records: the template's assistant turns are found and trained up to EOS, the token sampling stops at",
+    "chat": "chat records: the template's assistant turns are found and trained up to the token that closes them, "
+            "which SFT makes the EOS that sampling stops at where it is another token",
 }
 """Capability -> what the test checks (the column heading's meaning in docs/architectures.md)."""
 
@@ -104,6 +108,9 @@ class Family:
     add_bos: bool = False
     """Whether a plain encode prepends BOS (Llama, Mistral, Gemma, OPT)."""
     chat_template: str | None = None
+    turn_end: str | None = None
+    """The special token the chat template closes an assistant turn with; where it is not `eos`,
+    align's chat SFT makes it the EOS (`align.modeling.stop_at_turn_end`)."""
     extra_eos: tuple[str, ...] = ()
     """Further ids the real generation_config stops at (Gemma's <end_of_turn>)."""
     expect: dict[str, Expect] = field(default_factory=dict)
@@ -179,26 +186,22 @@ NO_CHAT = refused("chat records need a tokenizer with a chat template, and this 
 OPT_PACKING = refused("attends across examples packed into one row, so packing would change the loss",
                       "OPT's attention ignores position ids, so packed examples would see each other: "
                       "`padding_free: true` stops with a one-line error; unset, it pads")
-GEMMA_STOP = xfail(
-    "Gemma's template closes an assistant turn with `<end_of_turn>`, not EOS (`<eos>`); align trains and samples "
-    "with tokenizer.eos_token_id alone (generation_config's `[<eos>, <end_of_turn>]` is overridden), so a "
-    "chat-trained Gemma never ends a response", match=r"EOS .* is not among the trained tokens")
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                               "<|eot_id|>"), bos="<|begin_of_text|>", eos="<|eot_id|>", unk=None, pad="missing",
-                    add_bos=True, chat_template=LLAMA3_TEMPLATE, expect={}),
+                    add_bos=True, chat_template=LLAMA3_TEMPLATE, turn_end="<|eot_id|>", expect={}),
     "qwen2": Family("qwen2", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), bos=None, eos="<|im_end|>", unk=None,
-                    pad="present", pad_token="<|endoftext|>", chat_template=QWEN2_TEMPLATE,
+                    pad="present", pad_token="<|endoftext|>", chat_template=QWEN2_TEMPLATE, turn_end="<|im_end|>",
                     expect={}),
     "qwen3": Family("qwen3", ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"), bos=None,
                     eos="<|im_end|>", unk=None, pad="present", pad_token="<|endoftext|>", chat_template=QWEN3_TEMPLATE,
-                    expect={}),
+                    turn_end="<|im_end|>", expect={}),
     "mistral": Family("mistral", ("<unk>", "<s>", "</s>"), bos="<s>", eos="</s>", unk="<unk>", pad="missing",
                       add_bos=True, expect={"chat": NO_CHAT}),
     "gemma2": Family("gemma2", ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"), bos="<bos>",
                      eos="<eos>", unk="<unk>", pad="present", pad_token="<pad>", add_bos=True,
-                     chat_template=GEMMA_TEMPLATE, extra_eos=("<end_of_turn>",),
-                     expect={"chat": GEMMA_STOP}),
+                     chat_template=GEMMA_TEMPLATE, turn_end="<end_of_turn>", extra_eos=("<end_of_turn>",),
+                     expect={}),
     "gpt2": Family("gpt2", ("<|endoftext|>",), bos="<|endoftext|>", eos="<|endoftext|>", unk="<|endoftext|>",
                    pad="eos", expect={"chat": NO_CHAT}),
     "gpt_neox": Family("gpt_neox", ("<|endoftext|>", "<|padding|>"), bos="<|endoftext|>", eos="<|endoftext|>",
@@ -207,7 +210,7 @@ FAMILIES: dict[str, Family] = {
                   pad_token="<pad>", add_bos=True, expect={"chat": NO_CHAT, "packing": OPT_PACKING}),
     "phi3": Family("phi3", ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|end|>", "<|system|>",
                             "<|user|>"), bos="<s>", eos="<|endoftext|>", unk="<unk>", pad="eos",
-                   chat_template=PHI3_TEMPLATE, expect={}),
+                   chat_template=PHI3_TEMPLATE, turn_end="<|end|>", expect={}),
 }
 ARCHS = FAMILIES
 """The architectures under test, by name (tests/test_architectures.py parametrizes over these)."""

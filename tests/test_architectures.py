@@ -356,6 +356,11 @@ def check_sft_lora(ctx: Arch, expect: Expect) -> None:
     log = ctx.b.stdout
     assert "batches: padded" in log and ("format chat" in log) == (ctx.family.chat_template is not None), log[-2000:]
     assert_moved(causal_logits(model, ctx.probe_ids), ctx.init_logits, "LoRA SFT model")
+    if ctx.family.chat_template is not None:  # the adapter's tokenizer stops where the chat turns were trained to end
+        from transformers import AutoTokenizer
+
+        assert AutoTokenizer.from_pretrained(model).eos_token == ctx.family.turn_end
+        assert (f"EOS is now {ctx.family.turn_end!r}" in log) == (ctx.family.turn_end != ctx.family.eos), log[-2000:]
 
 
 def check_lora_plan(ctx: Arch, expect: Expect) -> None:
@@ -424,17 +429,29 @@ def check_grpo(ctx: Arch, expect: Expect) -> None:
 
 
 def check_chat(ctx: Arch, expect: Expect) -> None:
+    """What `align sft` does with chat records (`load_sft_examples`): make the template's turn end
+    EOS where it is another token (`stop_at_turn_end`), then tokenize; the trained tokens must end
+    the reply with that EOS, the one sampling stops at."""
     from align import data as D
     from align.errors import AlignError
+    from align.generation import sampling_config
+    from align.modeling import load_tokenizer, stop_at_turn_end
 
-    tok = ctx.tokenizer
+    tok = load_tokenizer(str(ctx.model))  # a fresh one: stop_at_turn_end changes it
+    eos = tok.eos_token
+    said = stop_at_turn_end(tok)
+    assert D.turn_end_token(tok) == ctx.family.turn_end, (
+        f"the template's turn end is {D.turn_end_token(tok)!r}, declared {ctx.family.turn_end!r}")
     messages = [{"role": "user", "content": "3+4="}, {"role": "assistant", "content": "7"}]
     record = D.Record("chat.jsonl:1", {"messages": messages})
     if expect.kind == "refused":
+        assert said is None and tok.eos_token == eos
         with pytest.raises(AlignError) as info:
             D.tokenize_sft([record], "chat", TEMPLATE, tok, 64, "drop")
         assert expect.match in str(info.value) and "\n" not in str(info.value)
         return
+    assert tok.eos_token == ctx.family.turn_end and (said is None) == (eos == ctx.family.turn_end), (eos, said)
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
     (example,), _ = D.tokenize_sft([record], "chat", TEMPLATE, tok, 64, "drop")
     trained = [t for t, m in zip(example.input_ids, example.loss_mask) if m]
     prompt = D.prompt_text(D.Record("p:1", {"messages": messages[:1]}), "chat", TEMPLATE, tok)
@@ -443,6 +460,9 @@ def check_chat(ctx: Arch, expect: Expect) -> None:
     assert tok.decode(trained).lstrip().startswith("7") or "</think>" in tok.decode(trained), tok.decode(trained)
     assert tok.eos_token_id in trained, (f"EOS {tok.eos_token!r} is not among the trained tokens "
                                          f"{tok.decode(trained)!r}: a chat-trained model never learns to stop")
+    after = tok.decode(trained).split("7", 1)[1]
+    assert after.lstrip().startswith(tok.eos_token), f"the reply is closed by {after!r}, not EOS {tok.eos_token!r}"
+    assert sampling_config(tok, 4).eos_token_id == tok.eos_token_id
 
 
 CHECKS: dict[str, Callable[[Arch, Expect], None]] = {

@@ -117,6 +117,72 @@ def test_chat_without_assistant_turn_is_an_error(tokenizer: Any) -> None:
         tokenize_one(tokenizer, rec(messages=[{"role": "user", "content": "hi"}]))
 
 
+def test_chat_template_refusal_is_a_one_line_error_naming_the_record() -> None:
+    from architectures import FAMILIES, build_tokenizer
+
+    gemma = build_tokenizer(FAMILIES["gemma2"], "present")  # its template raises on a system turn
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"},
+                {"role": "assistant", "content": "2"}]
+    with pytest.raises(DataError) as info:
+        tokenize_one(gemma, rec(messages=messages))
+    assert str(info.value) == "test.jsonl:1: the tokenizer's chat template refuses this conversation: " \
+                              "System role not supported"
+
+
+# ----------------------------------------------------------------------------------------------
+# The token that closes an assistant turn, read from the chat template
+
+PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+"""A template whose turns end in plain text, no special token."""
+
+
+@pytest.mark.parametrize("family,end", [("gemma2", "<end_of_turn>"), ("llama", "<|eot_id|>"), ("qwen2", "<|im_end|>"),
+                                        ("qwen3", "<|im_end|>"), ("phi3", "<|end|>")])
+def test_turn_end_token_is_read_from_the_template(family: str, end: str) -> None:
+    """Gemma and Phi-3 close a turn with a token other than EOS; Llama 3 and ChatML with EOS itself."""
+    from architectures import FAMILIES, build_tokenizer
+
+    tok = build_tokenizer(FAMILIES[family], FAMILIES[family].pad)
+    assert D.turn_end_token(tok) == end
+    assert (end == tok.eos_token) == (family in ("llama", "qwen2", "qwen3"))
+
+
+def test_turn_end_token_of_the_tiny_template_is_eos(tokenizer: Any) -> None:
+    assert D.turn_end_token(tokenizer) == tokenizer.eos_token  # TINY_CHAT_TEMPLATE closes turns with {{ eos_token }}
+
+
+def test_turn_end_token_is_none_without_a_special_turn_end() -> None:
+    from architectures import FAMILIES, build_tokenizer
+
+    tok = build_tokenizer(FAMILIES["llama"], "missing")
+    tok.chat_template = PLAIN_TEMPLATE
+    assert D.turn_end_token(tok) is None
+    assert D.turn_end_token(build_tokenizer(FAMILIES["mistral"], "missing")) is None  # no chat template at all
+
+
+def test_turn_end_token_needs_no_eos() -> None:
+    from architectures import FAMILIES, build_tokenizer
+
+    tok = build_tokenizer(FAMILIES["gemma2"], "present")
+    tok.eos_token = None
+    assert tok.eos_token_id is None and D.turn_end_token(tok) == "<end_of_turn>"
+
+
+def test_turn_end_token_tries_a_system_turn_and_says_when_nothing_renders() -> None:
+    from architectures import FAMILIES, build_tokenizer
+
+    tok = build_tokenizer(FAMILIES["qwen2"], "present")
+    tok.chat_template = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system turn comes first') }}"
+                         "{% endif %}" + tok.chat_template)
+    assert D.turn_end_token(tok) == "<|im_end|>"
+    tok.chat_template = "{{ raise_exception('no conversation suits me') }}"
+    with pytest.raises(AlignError) as info:
+        D.turn_end_token(tok)
+    assert "cannot tell which token ends an assistant turn" in str(info.value)
+    assert "no conversation suits me" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_chinese_round_trips_through_file_tokenizer_and_mask(tokenizer: Any, tmp_path: Path) -> None:
     path = tmp_path / "zh.jsonl"
     path.write_text(json.dumps({"prompt": "1加1等于几?", "response": "1加1等于2。"}, ensure_ascii=False) + "\n",
