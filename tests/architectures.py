@@ -73,7 +73,8 @@ class Expect:
 
     kind: `pass`; `refused` (align stops with a one-line error containing `match`); or `xfail` (an
     align bug: the check fails with an assertion whose message matches the regex `match`; the test is
-    a strict xfail, so it fails once the bug is fixed and this entry must be updated).
+    a strict xfail, so it fails once the bug is fixed and this entry must be updated; declared as
+    `Expect("xfail", reason, match)`, and none is declared today).
     """
 
     kind: str = "pass"
@@ -86,10 +87,6 @@ PASS = Expect()
 
 def refused(match: str, reason: str = "") -> Expect:
     return Expect("refused", reason or match, match)
-
-
-def xfail(reason: str, match: str) -> Expect:
-    return Expect("xfail", reason, match)
 
 
 @dataclass(frozen=True)
