@@ -13,7 +13,8 @@ ZeRO-3), of the gradients and of the optimizer states (ZeRO-2 and up), and four 
    (`deepspeed.zero.GatheredParameters`, as TRL's `unwrap_model_for_generation`);
 3. saving: every process takes part in gathering a model's full state dict
    (`accelerator.get_state_dict`) and the main process writes it, so `model/` and each
-   checkpoint's model directory stay plain `from_pretrained` checkpoints; FSDP2 optimizer states
+   checkpoint's model directory stay plain `from_pretrained` checkpoints (LoRA adapters are cut
+   from, and merged models merged from, that full state dict: `modeling.save_model`); FSDP2 optimizer states
    are gathered whole the same way (torch.distributed.checkpoint.state_dict); a ZeRO optimizer's
    states stay partitioned: each process writes its own partition file into the checkpoint
    (`write_optimizer_partitions`), and loads it back on resume with the same number of processes;
