@@ -243,12 +243,26 @@ def clip_grad_norm(accelerator: Any, model: Any, max_norm: float) -> torch.Tenso
 @contextlib.contextmanager
 def gathered_for_generation(accelerator: Any, model: Any) -> Iterator[None]:
     """Around `generate` under ZeRO-3: every parameter gathered once for the whole decode loop
-    (otherwise each step of each layer gathers again). FSDP2's forward gathers each block itself."""
+    (otherwise each step of each layer gathers again). Under FSDP2 each decoder layer gathers
+    itself in its forward, but the root's own parameters (embeddings, final norm, head) are
+    gathered by the root module's forward, which a peft model's `generate` never calls (it calls
+    its base model's): for a peft model they are gathered around the call (`FSDPModule.unshard`)."""
     if zero_stage(accelerator) == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
             yield
+    elif strategy(accelerator) == FSDP and hasattr(model, "get_base_model"):
+        # The root must be lazily initialised before any child runs a forward of its own (a child
+        # initialised first is taken for a root, and the root's next forward fails): one forward of
+        # one token through the root does it, then its parameters stay gathered for the call.
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=accelerator.device))
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
     else:
         yield
 
