@@ -2,11 +2,13 @@
 file (configs/accelerate/): FSDP2, DeepSpeed ZeRO-2 and ZeRO-3.
 
 Each strategy runs one recipe (`align run`: SFT, reward model, PPO with its separate critic, which
-warms up for a step, and GRPO) through `accelerate launch`;
+warms up for a step, and GRPO with a LoRA actor; SFT or the reward model, or both, with LoRA, as
+STRATEGIES says) through `accelerate launch`;
 the run is SIGKILLed at a chosen step of a chosen stage (tests/kill_in_stage.py) and launched again,
 which resumes it. What the finished run must show, against references with the same global batch:
 
-- SFT and the reward model equal one process (batch 8 = 2 processes x 4, grad_accum 2): every
+- SFT and the reward model equal one process (batch 8 = 2 processes x 4, grad_accum 2; LoRA
+  against a one-process LoRA run, the reward model's merged final model included): every
   logged loss, accuracy, gradient norm and validation loss (rel 1e-5), and the final weights
   (max abs difference 2e-5, float32 rounding of a different reduction order);
 - PPO and GRPO equal DDP in the same 2 processes: a one-process run would sample other responses
