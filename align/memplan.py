@@ -32,10 +32,47 @@ which reads each model's config.json and counts its parameters on the meta devic
   x rollout rows, in the compute dtype, plus one layer's copy while `DynamicCache` grows it.
 - Data-parallel processes: each process holds everything above for its own micro-batch; DDP adds
   gradient buckets the size of the gradients (torch's default `gradient_as_bucket_view=False`).
+- Sharded strategies (`Sharding`; `align plan --strategy`, or the `accelerate launch` a dry run
+  is in): only the trained models are split (align/sharding.py: every process loads each model
+  whole, `prepare` shards the trained ones; the frozen reference and reward models stay whole on
+  every process), so a phase `loading (before prepare)` holds every model whole. Per trained
+  model, P parameters, T trained, N processes, the accounting of the ZeRO paper (Rajbhandari et
+  al. 2020, sec. 3.1 and 5: with mixed precision 2 bytes of parameters, 2 of gradients and 12 of
+  optimizer state, float32 master weight and Adam's two moments, per parameter; ZeRO-2 splits the
+  gradients and the 12, ZeRO-3 the parameters too):
+  - FSDP2 (`fully_shard`, `reshard_after_forward: true`; torch's `fully_shard` docs, accelerate
+    1.15's `fsdp2_prepare_model`: one unit per decoder layer, one for an untied input embedding,
+    one for the final norm and output head, which it shards with `reshard_after_forward=False`,
+    and the root): float32 weights 4P/N, AdamW 8T/N, gradients 4T/N; while a pass runs, the
+    head unit gathered from its forward to the end of the backward and one other unit at a time
+    beside it, in the compute dtype (2 B under bf16's MixedPrecisionPolicy), on a GPU one more
+    for the prefetched all-gather, and in the backward a unit's unsharded float32 gradients
+    before their reduce-scatter. No autocast weight copies: the gathered weights are already in
+    the compute dtype.
+  - DeepSpeed (`deepspeed_config` keys unset: DeepSpeed's defaults, `reduce_bucket_size` 5e8
+    elements, `stage3_param_persistence_threshold` 1e5, `stage3_max_reuse_distance` 1e9): with
+    bf16 or fp16 the engine casts the whole module (2-byte weights and gradients, activations as
+    under autocast), else float32. ZeRO-2: weights whole, a float32 master copy of this
+    process's partition 4T/N (stage 1/2 clone it even from float32 weights), AdamW 8T/N; in the
+    backward every gradient goes into the reduce bucket until it holds `reduce_bucket_size`
+    elements (a model under 5e8 trained parameters: all of them; on a GPU the allocator takes
+    the whole bucket, on a CPU only the pages written become resident), then into this
+    process's float32 gradient partition 4T/N. ZeRO-3: weights partitioned (a tensor under the
+    persistence threshold stays whole on every process), a master copy only when the weights
+    are not float32, AdamW 8T/N, the gradient partitions (allocated at start) and the reduce
+    bucket resident, and reducing the bucket concatenates its gradients into a new buffer (its
+    size again, as the backward ends); `generate` runs inside `GatheredParameters` (the whole actor), and from
+    the second step on a gathered parameter that is used again within `stage3_max_reuse_distance`
+    parameters stays gathered until the step: every forward parameter is used again in the
+    backward, so up to ~5e8 parameters a model stays gathered whole while it trains or scores.
 
 Not counted: the CUDA context and library code (not in `torch.cuda.max_memory_allocated`, and
 on CPU measured away as the process's memory before training), allocator caching and
-fragmentation, the transient copies while weights load, and sharded strategies (FSDP, ZeRO).
+fragmentation, the transient copies while weights load (ZeRO-1/2 flatten the weights into one
+buffer, briefly a second copy), communication buffers of NCCL or gloo, DeepSpeed's CPU offload
+(`offload_optimizer_device` / `offload_param_device`), FSDP1, ZeRO-1, FSDP2 without
+`reshard_after_forward` (refused or not planned), and a DeepSpeed JSON config's own bucket
+sizes (the plan uses the defaults above).
 """
 
 from __future__ import annotations
@@ -379,9 +416,19 @@ class Sharding:
             small += m.trained
         return min(small, m.params)
 
-    def root(self, m: Trained) -> int:
-        """FSDP2: the root unit's parameters, what no layer unit holds (embedding, final norm, head)."""
-        return max(m.params - m.shape.layers * layer_params(m.shape), 0)
+    @staticmethod
+    def tail(m: Trained) -> int:
+        """FSDP2: the unit accelerate shards with `reshard_after_forward=False` (the final norm and the
+        output head, the embedding too when tied; a critic's score head sits in the root unit, also
+        kept): gathered from its forward to the end of the backward."""
+        s = m.shape
+        return s.vocab * s.hidden + s.hidden if m.logits else 2 * s.hidden
+
+    @staticmethod
+    def unit(m: Trained) -> int:
+        """FSDP2: the largest unit gathered one at a time (a decoder layer, or an untied input embedding)."""
+        s = m.shape
+        return max(layer_params(s), 0 if m.logits and s.tied else s.vocab * s.hidden)
 
     def resident(self, m: Held, device: str, autocast: bool) -> list[Item]:
         """A trained model's weights and optimizer state on one process, the whole step long."""
@@ -423,11 +470,14 @@ class Sharding:
         if self.strategy == "fsdp":
             return 4.0 * t / n, [Item(f"{who}gradients (1/{n} shard)", 4.0 * t / n, f"{t:,} trained x 4 B / {n}")]
         w = self.ds_bytes(autocast)
-        if self.strategy == "zero3":  # partitions and bucket resident; a parameter's own .grad is copied in at once
-            return 0.0, [Item(f"{who}gradients", 0.0, "in the resident partitions and bucket")]
+        bucket = self.reduce_bucket if device == "cuda" else min(self.reduce_bucket, t)
+        if self.strategy == "zero3":
+            # The partitions and the bucket are resident; reducing the bucket, DeepSpeed's
+            # `reduce_scatter_coalesced` concatenates its gradients, rank by rank, into a new buffer.
+            flat = min(self.reduce_bucket, t) * w
+            return flat, [Item(f"{who}reduce-scatter copy of the bucket", flat, "as the backward ends")]
         # ZeRO-2: the bucket (new each backward) takes every gradient until it holds reduce_bucket_size,
         # then reduces into this process's float32 partition.
-        bucket = self.reduce_bucket if device == "cuda" else min(self.reduce_bucket, t)
         items = [Item(f"{who}gradient reduce bucket", bucket * w, f"{bucket:,} x {w} B (reduce_bucket_size "
                       f"{self.reduce_bucket:,})"),
                  Item(f"{who}gradient partition", 4.0 * t / n, f"{t:,} x 4 B / {n}")]
@@ -437,15 +487,15 @@ class Sharding:
         """FSDP2: one unit's unsharded gradients before they are reduce-scattered (float32)."""
         if self.strategy != "fsdp" or not m.params:
             return 0.0
-        unit = max(layer_params(m.shape), self.root(m))
+        unit = max(self.unit(m), self.tail(m))
         return 4.0 * m.trained * min(unit, m.params) / m.params
 
     def gathered(self, m: Trained, device: str, autocast: bool, phase: str) -> float:
         """Parameters gathered whole beyond the resident shard while a pass over `m` runs.
 
-        FSDP2 (reshard_after_forward): the root unit stays gathered from the forward to the end
-        of the backward (FSDP2 does not reshard the root after forward), one layer unit at a time
-        beside it, and on a GPU the next layer's all-gather prefetched; in the compute dtype.
+        FSDP2 (reshard_after_forward): the tail unit (`tail`) stays gathered from the forward to
+        the end of the backward, one other unit at a time beside it (`unit`), and on a GPU the
+        next one's all-gather prefetched; in the compute dtype.
         ZeRO-3: `generate` runs inside `GatheredParameters` (align/sharding.py): the whole model;
         in the other passes, from the second step on (once the module trace is complete), a
         gathered parameter that is used again within `reuse_distance` parameters stays gathered
@@ -453,7 +503,7 @@ class Sharding:
         default 1e9 a model of up to ~5e8 parameters stays gathered whole."""
         if self.strategy == "fsdp":
             c = 2 if autocast else 4
-            return (self.root(m) + layer_params(m.shape) * (2 if device == "cuda" else 1)) * c
+            return (self.tail(m) + self.unit(m) * (2 if device == "cuda" else 1)) * c
         if self.strategy == "zero3":
             spread = m.params - self.persistent(m)
             if phase != "rollout":
@@ -464,7 +514,7 @@ class Sharding:
     def gathered_note(self, m: Trained, device: str) -> str:
         if self.strategy == "fsdp":
             layers = 2 if device == "cuda" else 1
-            return f"root unit {self.root(m):,} + {layers} layer(s) x {layer_params(m.shape):,} parameters"
+            return f"head unit {self.tail(m):,} + {layers} unit(s) of {self.unit(m):,} parameters"
         return f"{m.params - self.persistent(m):,} partitioned parameters, kept while reused"
 
     def step_bytes(self, trained: list[Trained], autocast: bool) -> tuple[float, str]:
@@ -557,8 +607,8 @@ def estimate_rl(stage: str, actor: Trained, *, rollout_rows: int, update_rows: i
     s, seq = actor.shape, prompt + response
     shard = resolve_sharding(strategy, processes)
     if shard.sharded and value_head:
-        raise AlignError(f"critic.share_actor under {STRATEGY_NAMES[shard.strategy]} is not supported (align/sharding.py)"
-                         "; plan a separate critic")
+        raise AlignError(f"critic.share_actor under {STRATEGY_NAMES[shard.strategy]} is not supported "
+                         "(align/sharding.py); plan a separate critic")
     plan = MemoryPlan(stage, device, precision, processes, shard.strategy)
     held = [Held("actor", actor.params, 4, actor.trained, actor)]
     if reference is not None:

@@ -274,7 +274,7 @@ def test_model_shape_reads_the_architecture_matrix_configs() -> None:
 # up, down (3 x 128), two norms (2 x 8) = 656; embedding 80, final norm 8, untied head 80: 1,480.
 P = 1480
 LAYER = 656
-ROOT = P - 2 * LAYER  # 168: the embedding, the final norm and the head (FSDP2's root unit)
+HEAD = 80 + 8  # FSDP2's head unit (the final norm and the untied head), kept gathered through the backward
 
 
 def sft_on(strategy: str, device: str = "cpu", precision: str = "fp32", model: Trained | None = None) -> Any:
@@ -303,13 +303,13 @@ def test_fsdp_shards_everything_and_gathers_one_unit_at_a_time() -> None:
     assert [(i.name, i.bytes) for i in plan.resident] == [("model weights (1/2 shard)", 4 * P / 2),
                                                           ("model AdamW moments (1/2 shard)", 8 * P / 2)]
     # gradients 1/2 (4 x 1,480 / 2); the largest unit's unsharded gradients while it reduce-scatters
-    # (a layer: 656 x 4); the root unit and one layer gathered in float32 on a CPU
+    # (a layer: 656 x 4; the embedding unit is 80); the head unit and one layer gathered, float32
     fwd_bwd = next(i for i in plan.phases if i.name == "forward + backward")
-    assert fwd_bwd.bytes == bwd_by_hand(4 * P / 2, 4 * LAYER, (ROOT + LAYER) * 4)
+    assert fwd_bwd.bytes == bwd_by_hand(4 * P / 2, 4 * LAYER, (HEAD + LAYER) * 4)
     assert next(i for i in plan.phases if i.name == "optimizer step").bytes == 4 * P / 2
     # on a GPU the next layer's all-gather is in flight too, and under bf16 it gathers 2-byte weights
     gpu = {i.name: i.bytes for i in sft_on("fsdp", "cuda", "bf16").parts["forward + backward"]}
-    assert gpu["gathered parameters (FSDP2 units)"] == (ROOT + 2 * LAYER) * 2
+    assert gpu["gathered parameters (FSDP2 units)"] == (HEAD + 2 * LAYER) * 2
     assert "bf16 weight copies (autocast)" not in gpu
     # loading: every process holds the model whole before prepare (5,920 B; no phase when the
     # sharded resident set is larger, as here) -- with LoRA (100 trained) it is the larger one
