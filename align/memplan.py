@@ -399,9 +399,6 @@ class Sharding:
     def gathered_name(self) -> str:
         return "gathered parameters (FSDP2 units)" if self.strategy == "fsdp" else "gathered parameters (ZeRO-3)"
 
-    def _n(self) -> int:
-        return self.processes
-
     @staticmethod
     def ds_bytes(autocast: bool) -> int:
         """Bytes per weight under DeepSpeed: with bf16 or fp16 the engine casts the whole module
@@ -432,7 +429,7 @@ class Sharding:
 
     def resident(self, m: Held, device: str, autocast: bool) -> list[Item]:
         """A trained model's weights and optimizer state on one process, the whole step long."""
-        n, t, who = self._n(), m.trained, m.role
+        n, t, who = self.processes, m.trained, m.role
         if self.strategy in ("none", "ddp"):
             items = [Item(f"{who} weights", m.params * m.weight_bytes, f"{m.params:,} x {m.weight_bytes} B")]
             if t:
@@ -464,7 +461,7 @@ class Sharding:
     def gradients(self, m: Trained, device: str, autocast: bool) -> tuple[float, list[Item]]:
         """Gradients alive while the backward pass sweeps (`backward_peak`'s `grads`) and their items
         (none: the caller names plain gradients)."""
-        n, t, who = self._n(), m.trained, "" if m.role == "model" else f"{m.role} "
+        n, t, who = self.processes, m.trained, "" if m.role == "model" else f"{m.role} "
         if self.strategy in ("none", "ddp"):
             return 4.0 * t, []
         if self.strategy == "fsdp":
@@ -519,7 +516,7 @@ class Sharding:
 
     def step_bytes(self, trained: list[Trained], autocast: bool) -> tuple[float, str]:
         """What the optimizer step holds beyond the resident memory: the gradients it reads."""
-        n, t = self._n(), sum(m.trained for m in trained)
+        n, t = self.processes, sum(m.trained for m in trained)
         if self.strategy in ("none", "ddp"):
             return 4.0 * t, "every gradient"
         if self.strategy == "fsdp":
