@@ -135,29 +135,47 @@ for _stage in training_stages():
 @click.option("--device", default=None, metavar="cuda|cpu", help="The device to plan for [default: this machine's].")
 @click.option("--precision", default=None, metavar="fp32|bf16|fp16",
               help="Compute precision [default: the config's mixed_precision, `auto` resolved for --device].")
-@click.option("--processes", default="1", show_default=True, metavar="N",
-              help="Data-parallel processes, one device each (each holds a full copy and its micro-batch).")
+@click.option("--processes", default=None, metavar="N",
+              help="Processes, one device each, each with its own micro-batch [default: the accelerate launch's, "
+                   "else 1].")
+@click.option("--strategy", default=None, metavar="none|ddp|fsdp|zero2|zero3",
+              help="How the processes hold the trained models: ddp (each a full copy), fsdp (FSDP2, full shard), "
+                   "zero2 / zero3 (DeepSpeed); frozen models stay whole on every process [default: the accelerate "
+                   "launch's, else ddp with --processes > 1, else none].")
 @user_errors
 def plan_cmd(stage: str, config: str | None, overrides: tuple[str, ...], device: str | None, precision: str | None,
-             processes: str) -> None:
+             processes: str | None, strategy: str | None) -> None:
     """Estimate the peak memory per device of a training STAGE (sft, rm, ppo, dpo, grpo, ...) with its
     CONFIG: weights, gradients, AdamW moments, activations (with or without gradient checkpointing),
     logits, the rollout's KV cache and each PPO model per memory mode. Reads only the models'
     config.json; no data, no weights. Sequences are taken at their longest (`data.max_length`, RL:
-    the longest prompt + `ppo.response_length`). Method and measured accuracy: docs/performance.md."""
+    the longest prompt + `ppo.response_length`). Per device and process: under FSDP2 and ZeRO-3 a
+    trained model's weights, gradients and AdamW states are split over the processes (ZeRO-2:
+    gradients and AdamW states), plus the parameters gathered while a pass runs. Method and
+    measured accuracy, one process and sharded: docs/performance.md ("Memory plan")."""
+    import os
+
     from align.config import build_config, config_dict
-    from align.memplan import DEVICES, PRECISIONS, model_facts, plan_lines, stage_plan
+    from align.memplan import DEVICES, PRECISIONS, STRATEGIES, launch_strategy, model_facts, plan_lines, stage_plan
     from align.stages import BY_NAME
 
     planned = [s.name for s in training_stages()]
     if stage not in planned:
         raise AlignError(f"no memory plan for stage '{stage}'; the training stages are {', '.join(planned)}")
+    if processes is None:
+        processes = os.environ.get("WORLD_SIZE", "1")  # set in every process of a launch
     try:
         n = int(processes)
     except ValueError:
         raise AlignError(f"--processes must be an integer (got {processes!r})") from None
     if n < 1:
         raise AlignError(f"--processes must be >= 1 (got {n})")
+    if strategy is None:
+        strategy = launch_strategy()
+    elif strategy not in STRATEGIES:
+        raise AlignError(f"--strategy must be one of {', '.join(STRATEGIES)} (got {strategy!r})")
+    if strategy == "none" and n > 1:
+        raise AlignError(f"--strategy none is one process (got --processes {n}); use ddp, fsdp, zero2 or zero3")
     if device is None:
         import torch
 
@@ -169,7 +187,8 @@ def plan_cmd(stage: str, config: str | None, overrides: tuple[str, ...], device:
     registered = BY_NAME[stage]
     data, _ = config_dict(registered.config, config, overrides, stage=stage)
     cfg = build_config(registered.config, data)
-    plan = stage_plan(stage, cfg, model_facts(stage, cfg), device=device, precision=precision, processes=n)
+    plan = stage_plan(stage, cfg, model_facts(stage, cfg), device=device, precision=precision, processes=n,
+                      strategy=strategy)
     click.echo("\n".join(plan_lines(plan)))
 
 

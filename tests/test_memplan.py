@@ -17,8 +17,9 @@ from click.testing import CliRunner
 from align.cli import main
 from align.config import PPOConfig, RMConfig, SFTConfig, DPOStageConfig, GRPOStageConfig, from_dict
 from align.errors import AlignError
-from align.memplan import (Held, LoraTargets, ModelFacts, ModelShape, Trained, estimate_rl, estimate_supervised,
-                           layer_saved, model_shape, stage_plan)
+from align.memplan import (Held, LoraTargets, ModelFacts, ModelShape, Sharding, Trained, estimate_rl,
+                           estimate_supervised, launch_strategy, layer_params, layer_saved, model_shape, stage_plan,
+                           summary_line, weight_numels)
 
 # h=8, 2 layers, 2 heads (head dim 4), 2 KV heads, I=16, V=10
 TINY = ModelShape(hidden=8, layers=2, heads=2, kv_heads=2, intermediate=16, vocab=10)
@@ -203,7 +204,7 @@ def test_plan_command(make_sft_dict: Callable[..., dict], tmp_path: Path,
     result = invoke("plan", "sft", str(path), "--device", "cuda", "--precision", "bf16")
     assert result.exit_code == 0, result.output + result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("sft: memory plan per device (cuda, bf16, 1 process(es)): peak ~")
+    assert lines[0].startswith("sft: memory plan per device (cuda, bf16, one process): peak ~")
     for part in ("model weights:", "model AdamW moments:", "activations (saved):", "gradients:", "logits:",
                  "bf16 weight copies (autocast):", "optimizer step:"):
         assert any(part in line for line in lines), part
@@ -211,6 +212,7 @@ def test_plan_command(make_sft_dict: Callable[..., dict], tmp_path: Path,
                   "--processes", "2")
     assert ckpt.exit_code == 0 and "activations (layer inputs: checkpointing)" in ckpt.stdout
     assert "DDP gradient buckets" in ckpt.stdout and "the 2 processes hold" in ckpt.stdout
+    assert ckpt.stdout.startswith("sft: memory plan per device (cpu, fp32, DDP x 2 processes): peak ~")
     assert not (tmp_path / "run").exists()
 
     for args, message in [
@@ -219,6 +221,10 @@ def test_plan_command(make_sft_dict: Callable[..., dict], tmp_path: Path,
         (("plan", "sft", str(path), "--precision", "fp8"), "error: --precision must be one of fp32, bf16, fp16"),
         (("plan", "sft", str(path), "--processes", "two"), "error: --processes must be an integer (got 'two')"),
         (("plan", "sft", str(path), "--processes", "0"), "error: --processes must be >= 1 (got 0)"),
+        (("plan", "sft", str(path), "--strategy", "fsdp1"),
+         "error: --strategy must be one of none, ddp, fsdp, zero2, zero3 (got 'fsdp1')"),
+        (("plan", "sft", str(path), "--strategy", "none", "--processes", "2"),
+         "error: --strategy none is one process (got --processes 2)"),
         (("plan", "sft", str(path), "--set", "model.path=/nonexistent/model"),
          "error: config key 'model.path': model path '/nonexistent/model' does not exist"),
         (("plan", "sft", str(tmp_path / "missing.yaml")), "error: config file"),
@@ -261,3 +267,161 @@ def test_model_shape_reads_the_architecture_matrix_configs() -> None:
         shape = model_shape(config)
         assert shape.hidden == config.get_text_config().hidden_size and shape.gated_mlp == gated, cls.__name__
         assert shape.layers >= 1 and shape.intermediate >= shape.hidden and shape.vocab == config.vocab_size
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded strategies, by hand on TINY's real parameter count: per layer q, k, v, o (4 x 64), gate,
+# up, down (3 x 128), two norms (2 x 8) = 656; embedding 80, final norm 8, untied head 80: 1,480.
+P = 1480
+LAYER = 656
+HEAD = 80 + 8  # FSDP2's head unit (the final norm and the untied head), kept gathered through the backward
+
+
+def sft_on(strategy: str, device: str = "cpu", precision: str = "fp32", model: Trained | None = None) -> Any:
+    return estimate_supervised("sft", model or Trained(TINY, P, P), 2, 4, device=device, precision=precision,
+                               processes=2, strategy=strategy)
+
+
+def bwd_by_hand(grads: float, extra_transient: float = 0.0, gathered: float = 0.0) -> float:
+    """`test_supervised_plan_by_hand`'s sweep, on TINY with P parameters (2 x 4 tokens, fp32)."""
+    tokens = 8
+    per_layer = 608 * tokens
+    around = tokens * (8 + 2 * 4 * 4 + 3 * 8 * 4 + 4)
+    activations = 2 * per_layer + around
+    logits = 3 * tokens * 10 * 4
+    transient = (2 * 16 * 4 + 2 * 8 * 4) * tokens + extra_transient
+    return max(activations + logits, activations + transient, per_layer + around + grads + transient, grads) + gathered
+
+
+def test_the_units_are_tinys_parameters() -> None:
+    assert layer_params(TINY) == LAYER and sum(weight_numels(TINY, logits=True)) == P
+    assert sum(weight_numels(TINY, logits=False)) == P - 80 + 8  # a critic: a 1-wide score head, no LM head
+
+
+def test_fsdp_shards_everything_and_gathers_one_unit_at_a_time() -> None:
+    plan = sft_on("fsdp")
+    assert [(i.name, i.bytes) for i in plan.resident] == [("model weights (1/2 shard)", 4 * P / 2),
+                                                          ("model AdamW moments (1/2 shard)", 8 * P / 2)]
+    # gradients 1/2 (4 x 1,480 / 2); the largest unit's unsharded gradients while it reduce-scatters
+    # (a layer: 656 x 4; the embedding unit is 80); the head unit and one layer gathered, float32
+    fwd_bwd = next(i for i in plan.phases if i.name == "forward + backward")
+    assert fwd_bwd.bytes == bwd_by_hand(4 * P / 2, 4 * LAYER, (HEAD + LAYER) * 4)
+    assert next(i for i in plan.phases if i.name == "optimizer step").bytes == 4 * P / 2
+    # on a GPU the next layer's all-gather is in flight too, and under bf16 it gathers 2-byte weights
+    gpu = {i.name: i.bytes for i in sft_on("fsdp", "cuda", "bf16").parts["forward + backward"]}
+    assert gpu["gathered parameters (FSDP2 units)"] == (HEAD + 2 * LAYER) * 2
+    assert "bf16 weight copies (autocast)" not in gpu
+    # loading: every process holds the model whole before prepare (5,920 B; no phase when the
+    # sharded resident set is larger, as here) -- with LoRA (100 trained) it is the larger one
+    assert next(i for i in plan.phases if i.name == "loading (before prepare)").bytes == 0
+    lora = sft_on("fsdp", model=Trained(TINY, P, 100, LoraTargets(2)))
+    assert next(i for i in lora.phases if i.name.startswith("loading")).bytes == 4 * P - (4 * P / 2 + 8 * 100 / 2)
+
+
+def test_zero2_keeps_whole_weights_and_splits_gradients_and_adam() -> None:
+    plan = sft_on("zero2")
+    # float32: the weights whole, and ZeRO-1/2's float32 master copy of this process's partition
+    assert [(i.name, i.bytes) for i in plan.resident] == [("model weights (whole)", 4 * P),
+                                                          ("model fp32 master weights (1/2 partition)", 4 * P / 2),
+                                                          ("model AdamW moments (1/2 partition)", 8 * P / 2)]
+    # the backward: every gradient lands in the reduce bucket (1,480 < 5e8 elements: pages touched
+    # on a CPU), then in this process's float32 partition
+    fwd_bwd = next(i for i in plan.phases if i.name == "forward + backward")
+    assert fwd_bwd.bytes == bwd_by_hand(4 * P + 4 * P / 2)
+    assert next(i for i in plan.phases if i.name == "optimizer step").bytes == 4 * P / 2
+    # bf16 on a GPU: the engine casts the model (2 B weights and gradients, the paper's 2 + 2 + 12
+    # with 12 split), and the allocator takes the whole 5e8-element bucket
+    gpu = sft_on("zero2", "cuda", "bf16")
+    resident = {i.name: i.bytes for i in gpu.resident}
+    assert resident["model weights (whole)"] == 2 * P and resident["model fp32 master weights (1/2 partition)"] == 2 * P
+    parts = {i.name: i.bytes for i in gpu.parts["forward + backward"]}
+    assert parts["gradient reduce bucket"] == 500_000_000 * 2 and parts["gradient partition"] == 4 * P / 2
+
+
+def test_zero3_partitions_what_is_above_the_persistence_threshold() -> None:
+    # the default threshold (1e5 elements a tensor) keeps every tensor of TINY whole
+    plan = sft_on("zero3")
+    resident = {i.name: i.bytes for i in plan.resident}
+    assert resident == {"model weights (1/2 partition, small tensors whole)": 4 * P,
+                        "model AdamW moments (1/2 partition)": 8 * P / 2, "model gradient partitions": 4 * P / 2,
+                        "model gradient reduce bucket": 4 * P}  # float32: no separate master copy
+    assert next(i for i in plan.phases if i.name == "optimizer step").bytes == 0
+    # a threshold of 64: q, k, v, o (64 each) and the norms stay whole, 552 in all; 928 partitioned
+    shard = Sharding("zero3", 2, persistence=64)
+    model = Trained(TINY, P, P)
+    assert shard.persistent(model) == 2 * (4 * 64 + 2 * 8) + 8 == 552
+    items = shard.resident(Held("model", P, 4, P, model), "cpu", False)
+    assert items[0].bytes == 928 * 4 / 2 + 552 * 4
+    # gathered while a pass runs: every partitioned parameter (reused within 1e9) ...
+    assert shard.gathered(model, "cpu", False, "update") == 928 * 4
+    # ... or only up to half the reuse distance
+    assert Sharding("zero3", 2, persistence=64, reuse_distance=200).gathered(model, "cpu", False, "update") == 100 * 4
+    # bf16 on a GPU: 2-byte partitions, a float32 master partition, the whole bucket allocated
+    gpu = {i.name: i.bytes for i in Sharding("zero3", 2, persistence=64).resident(Held("model", P, 4, P, model),
+                                                                                  "cuda", True)}
+    assert gpu["model fp32 master weights (1/2 partition)"] == 4 * P / 2
+    assert gpu["model gradient reduce bucket"] == 500_000_000 * 2
+
+
+def test_zero3_rollout_gathers_the_whole_actor() -> None:
+    """h=512, one layer, I=1024, V=100: the projections (262,144 and 524,288 elements) are partitioned,
+    the norms, embedding and head (512, 51,200) stay whole: 103,936 of 2,725,376."""
+    shape = ModelShape(hidden=512, layers=1, heads=8, kv_heads=8, intermediate=1024, vocab=100, tied=False)
+    params = sum(weight_numels(shape, logits=True))
+    assert params == 2_725_376
+    actor = Trained(shape, params, params, role="actor")
+    plan = estimate_rl("grpo", actor, rollout_rows=2, update_rows=2, prompt=3, response=5, device="cpu",
+                       precision="fp32", processes=2, reference=Held("reference", params, 4), strategy="zero3")
+    rollout = {i.name: i.bytes for i in plan.parts["rollout"]}
+    assert rollout["actor gathered parameters (ZeRO-3)"] == (params - 103_936) * 4 == 10 * 2**20
+    resident = {i.name: i.bytes for i in plan.resident}
+    assert resident["reference weights"] == 4 * params  # frozen: whole on every process
+    # a shared critic (a value head on the actor) is not supported under sharding
+    with pytest.raises(AlignError, match="critic.share_actor under DeepSpeed ZeRO-3 is not supported"):
+        estimate_rl("ppo", actor, rollout_rows=2, update_rows=2, prompt=3, response=5, device="cpu",
+                    precision="fp32", processes=2, value_head=513, strategy="zero3")
+
+
+def test_strategy_from_the_launch_and_in_the_lines() -> None:
+    assert launch_strategy({}) is None
+    assert launch_strategy({"ACCELERATE_USE_FSDP": "true"}) == "fsdp"
+    assert launch_strategy({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}) == "zero3"
+    with pytest.raises(AlignError, match="ZeRO stage 1: the memory plan counts ZeRO-2 and ZeRO-3 only"):
+        launch_strategy({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"})
+    with pytest.raises(AlignError, match="reshard_after_forward: false"):
+        launch_strategy({"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "false"})
+    assert "cpu, fp32, DeepSpeed ZeRO-2 x 2 processes;" in summary_line(sft_on("zero2"))
+    assert "cpu, fp32, one process;" in summary_line(estimate_supervised("sft", Trained(TINY, P, P), 2, 4,
+                                                                         device="cpu", precision="fp32"))
+    with pytest.raises(AlignError, match="strategy none is one process"):
+        estimate_supervised("sft", Trained(TINY, P, P), 2, 4, device="cpu", precision="fp32", processes=2,
+                            strategy="none")
+
+
+def test_dry_run_line_names_the_launchs_strategy(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path,
+                                                  make_sft_config: Callable[..., Any], tmp_path: Path) -> None:
+    from align.memplan import dry_run_line
+
+    cfg = make_sft_config(tmp_path / "run")
+    assert "one process;" in dry_run_line("sft", cfg)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert "FSDP2 x 1 process;" in dry_run_line("sft", cfg)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
+    assert dry_run_line("sft", cfg).startswith("not estimated (DeepSpeed ZeRO stage 1")
+
+
+def test_plan_command_strategy(make_sft_dict: Callable[..., dict], tmp_path: Path,
+                               yaml_writer: Callable[[Path, dict], Path]) -> None:
+    path = yaml_writer(tmp_path / "sft.yaml", make_sft_dict(tmp_path / "run"))
+    result = invoke("plan", "sft", str(path), "--device", "cuda", "--precision", "bf16", "--strategy", "zero3",
+                    "--processes", "8")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert result.stdout.startswith("sft: memory plan per device (cuda, bf16, DeepSpeed ZeRO-3 x 8 processes): peak ~")
+    for part in ("model weights (1/8 partition, small tensors whole)", "model AdamW moments (1/8 partition)",
+                 "model gradient reduce bucket", "model gradient partitions", "loading (before prepare)"):
+        assert part in result.stdout, part
+    fsdp = invoke("plan", "sft", str(path), "--device", "cuda", "--precision", "bf16", "--strategy", "fsdp",
+                  "--processes", "8")
+    assert "(cuda, bf16, FSDP2 x 8 processes)" in fsdp.stdout and "model weights (1/8 shard)" in fsdp.stdout
