@@ -346,7 +346,9 @@ def update(exp: Experience, cfg: RLConfig, bundle: ModelBundle, t: Trainees, acc
                     if vpred is not None:
                         vf_loss, vf_stats = value_loss(vpred, exp.values[idx], exp.returns[idx], mb_mask,
                                                        p.value_clip_eps)
-                        # The value loss has the critic's (or the value head's) parameters to itself.
+                        # A separate critic's parameters reach the value loss alone, so under DeepSpeed
+                        # each part steps its own engine (sharding.backward); a value head on the actor
+                        # reaches the actor's trunk too, which is why sharding refuses it.
                         parts.append((t.critic if t.critic is not None else t.head, p.vf_coef * vf_loss * token_share))
                         step_stats.update(vf_loss=vf_loss, vf_clipfrac=vf_stats["clipfrac"])
                     loss = sharding.backward(accelerator, parts, frozen=() if train_actor else (t.actor,))
