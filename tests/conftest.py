@@ -143,3 +143,22 @@ def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def load_weights() -> Callable[[Path], dict[str, torch.Tensor]]:
     return read_safetensors
+
+
+def killed_after_step_2(run: Path, cut: Path) -> Path:
+    """A copy of a finished run as a kill right after its step-2 checkpoint would have left it."""
+    import shutil
+
+    shutil.copytree(run, cut)
+    shutil.rmtree(cut / "model")
+    (cut / "summary.json").unlink()
+    for p in (cut / "checkpoints").glob("step-*"):
+        if p.name != "step-0000002":
+            shutil.rmtree(p)
+    (cut / "checkpoints" / "latest").write_text("step-0000002")
+    return cut
+
+
+@pytest.fixture(scope="session")
+def cut_after_step_2() -> Callable[[Path, Path], Path]:
+    return killed_after_step_2

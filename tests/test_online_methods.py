@@ -6,9 +6,8 @@ exactly the zero-variance groups; GRPO and RLOO resume step-exactly; bad configs
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -159,26 +158,15 @@ def test_dynamic_sampling_drops_exactly_the_groups_whose_reward_is_constant(sft_
     assert row["rollout/topped_up_groups"] == constant  # one round only: the batch is filled back up
 
 
-def killed_after_step_2(run: Path, cut: Path) -> Path:
-    """A copy of a finished run as a kill right after its step-2 checkpoint would have left it."""
-    shutil.copytree(run, cut)
-    shutil.rmtree(cut / "model")
-    (cut / "summary.json").unlink()
-    for p in (cut / "checkpoints").glob("step-*"):
-        if p.name != "step-0000002":
-            shutil.rmtree(p)
-    (cut / "checkpoints" / "latest").write_text("step-0000002")
-    return cut
-
-
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])
-def test_resume_is_step_exact(stage: str, sft_model: Path, prompts_file: Path, tmp_path: Path) -> None:
+def test_resume_is_step_exact(stage: str, sft_model: Path, prompts_file: Path, tmp_path: Path,
+                              cut_after_step_2: Callable[[Path, Path], Path]) -> None:
     from align.ppo import train_ppo
 
     over = {"ppo.total_episodes": 64, "ppo.save_every": 2, "ppo.eval_every": 100}
     train_ppo(config(stage, tmp_path / "full", sft_model, prompts_file, **over))
     reference = read_metrics(tmp_path / "full" / "metrics.jsonl")
-    cut = killed_after_step_2(tmp_path / "full", tmp_path / "cut")
+    cut = cut_after_step_2(tmp_path / "full", tmp_path / "cut")
     train_ppo(config(stage, cut, sft_model, prompts_file, **over), resume=True)
     resumed = read_metrics(cut / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [r["step"] for r in reference]
@@ -210,8 +198,8 @@ def test_dynamic_sampling_needs_a_group_estimator(sft_model: Path, prompts_file:
         config("reinforce_pp", tmp_path / "run", sft_model, prompts_file, **{"ppo.dynamic_sampling": True})
 
 
-def test_ppo_with_a_value_head_on_the_actor_trains_and_resumes_exactly(sft_model: Path, prompts_file: Path,
-                                                                       tmp_path: Path) -> None:
+def test_ppo_with_a_value_head_on_the_actor_trains_and_resumes_exactly(
+        sft_model: Path, prompts_file: Path, tmp_path: Path, cut_after_step_2: Callable[[Path, Path], Path]) -> None:
     """`critic.share_actor`: no second backbone (no critic/ in the checkpoint), a value loss that
     moves, one forward per micro-batch for log-probs and values, and a step-exact resume (the
     head's weights and its optimizer travel in trainer_state.pt)."""
@@ -226,7 +214,7 @@ def test_ppo_with_a_value_head_on_the_actor_trains_and_resumes_exactly(sft_model
     reference = read_metrics(tmp_path / "full" / "metrics.jsonl")
     losses = [r["loss/value_avg"] for r in reference if "loss/value_avg" in r]
     assert len(losses) == 4 and all(v > 0 for v in losses) and losses[-1] != losses[0]
-    cut = killed_after_step_2(tmp_path / "full", tmp_path / "cut")
+    cut = cut_after_step_2(tmp_path / "full", tmp_path / "cut")
     train_ppo(config("ppo", cut, sft_model, prompts_file, **over), resume=True)
     for a, b in zip(reference, read_metrics(cut / "metrics.jsonl")):
         for key in ("objective/scores", "loss/value_avg", "loss/policy_avg"):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +122,7 @@ def test_after_updates_and_syncs_greedy_is_hf_and_logprobs_are_the_trainers(mode
 
 
 def test_resume_continues_exactly_and_align_ppo_runs_the_engine(model_dir, prompts_file, tmp_path, align_cli,
-                                                                yaml_writer):
+                                                                yaml_writer, cut_after_step_2):
     """`align ppo` with rollout.engine: vllm runs to the end (a subprocess, as a user runs it); a copy
     cut after its step-2 checkpoint, resumed in-process, logs the same rollouts' scores, KL and gap,
     and ends on the same weights."""
@@ -138,14 +137,7 @@ def test_resume_continues_exactly_and_align_ppo_runs_the_engine(model_dir, promp
     reference = read_metrics(tmp_path / "full" / "metrics.jsonl")
     assert [r["step"] for r in reference if "objective/scores" in r] == [1, 2, 3, 4]
 
-    cut = tmp_path / "cut"
-    shutil.copytree(tmp_path / "full", cut)
-    shutil.rmtree(cut / "model")
-    (cut / "summary.json").unlink()
-    for p in (cut / "checkpoints").glob("step-*"):
-        if p.name != "step-0000002":
-            shutil.rmtree(p)
-    (cut / "checkpoints" / "latest").write_text("step-0000002")
+    cut = cut_after_step_2(tmp_path / "full", tmp_path / "cut")
     train_ppo(ppo_config(cut, model_dir, prompts_file, **over), resume=True)
     resumed = read_metrics(cut / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [r["step"] for r in reference]
